@@ -1,0 +1,327 @@
+"""The typed QueueMessage: one envelope, one action enum, one payload model per action.
+
+Every message on every topic is one JSON object of this shape. Other systems build it by
+hand; Conveyor's services validate it once, on receipt, with `parse_message`.
+"""
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .topics import NAME_PATTERN
+
+MAX_MESSAGE_BYTES = 1_000_000  # Kafka's default message limit; larger payloads are refused.
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Action(StrEnum):
+    NEW_TASK = "new_task"
+    DISPATCH_TASK = "dispatch_task"
+    TASK_STREAM = "task_stream"
+    SEND_EVENT = "send_event"
+    COMPLETED_TASK = "completed_task"
+    REGISTER_SERVICE = "register_service"
+    HEARTBEAT = "heartbeat"
+    DEREGISTER_SERVICE = "deregister_service"
+    QUERY = "query"
+    QUERY_RESULT = "query_result"
+    DEAD_LETTER = "dead_letter"
+
+
+TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+FinalStatus = Literal["completed", "failed", "cancelled"]
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+class Payload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# Task lifecycle
+
+
+class NewTask(Payload):
+    """Start a run of a workflow service. The task id is the idempotency key."""
+
+    task_id: str = Field(default_factory=new_id, min_length=1, max_length=200)
+    session_id: str | None = None
+    service: str = Field(pattern=NAME_PATTERN)
+    input: dict[str, Any] = Field(
+        default_factory=dict, description="the start event's fields (the run's keyword arguments)"
+    )
+    reply_to: str | None = Field(
+        default=None, description="topic that receives the outcome (and the stream, if asked)"
+    )
+    stream: bool = Field(default=False, description="also send every streamed event to reply_to")
+    parent_task_id: str | None = None
+
+
+class DispatchTask(Payload):
+    """The orchestrator hands one attempt of a task to a workflow service."""
+
+    task: NewTask
+    attempt: int = Field(ge=1)
+
+
+class EventEnvelope(Payload):
+    """A workflow event as llama-index-workflows serializes it."""
+
+    type: str
+    types: list[str] | None = None
+    qualified_name: str | None = None
+    value: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskStream(Payload):
+    """One event a running workflow wrote to its stream, numbered from 0 without gaps."""
+
+    task_id: str
+    session_id: str | None = None
+    index: int = Field(ge=0)
+    event: EventEnvelope
+    attempt: int = 0
+    reply_to: str | None = None
+    stream: bool = False
+
+
+class SendEvent(Payload):
+    """An event sent into a running task (human-in-the-loop)."""
+
+    task_id: str
+    event: EventEnvelope
+
+
+class TaskError(BaseModel):
+    type: str
+    message: str
+
+
+class CompletedTask(Payload):
+    """The outcome of a task, as recorded by the control plane and sent to reply_to."""
+
+    task_id: str
+    session_id: str | None = None
+    service: str
+    status: FinalStatus
+    result: Any = None
+    error: TaskError | None = None
+    attempt: int = 0
+    reply_to: str | None = None
+
+
+# Service registry
+
+
+class RegisterService(Payload):
+    service: str = Field(pattern=NAME_PATTERN)
+    instance_id: str
+    host: str = ""
+    pid: int = 0
+    workflow: str = Field(default="", description="MODULE:ATTR of the workflow it runs")
+
+
+class RunningTask(BaseModel):
+    task_id: str
+    attempt: int
+
+
+class Heartbeat(Payload):
+    service: str = Field(pattern=NAME_PATTERN)
+    instance_id: str
+    running: list[RunningTask] = Field(default_factory=list)
+
+
+class DeregisterService(Payload):
+    service: str = Field(pattern=NAME_PATTERN)
+    instance_id: str
+
+
+# Queries answered by the control plane over the broker
+
+
+QueryKind = Literal["get_task", "list_tasks", "list_services", "list_dead_letters", "watch_task"]
+
+
+class Query(Payload):
+    kind: QueryKind
+    reply_to: str
+    task_id: str | None = None
+    service: str | None = None
+    status: TaskStatus | None = None
+    session_id: str | None = None
+    limit: int = Field(default=100, ge=1, le=10_000)
+
+
+class QueryResult(Payload):
+    request_id: str
+    result: Any = None
+    error: TaskError | None = None
+
+
+class DeadLetter(Payload):
+    """A message that could not be handled, kept with the reason."""
+
+    reason: str
+    error_type: str
+    topic: str
+    body: str = Field(description="the original message, as received (cut at 64 KiB)")
+    message_id: str | None = None
+    publisher_id: str | None = None
+    task_id: str | None = None
+    received_at: datetime | None = None
+
+
+# The envelope
+
+
+class QueueMessage(BaseModel):
+    """The envelope of every message: `{"id", "type", "action", "publisher_id", "data"}`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(default_factory=new_id, min_length=1)
+    type: str
+    action: Action
+    publisher_id: str = ""
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class NewTaskMessage(QueueMessage):
+    action: Literal[Action.NEW_TASK] = Action.NEW_TASK
+    data: NewTask
+
+
+class DispatchTaskMessage(QueueMessage):
+    action: Literal[Action.DISPATCH_TASK] = Action.DISPATCH_TASK
+    data: DispatchTask
+
+
+class TaskStreamMessage(QueueMessage):
+    action: Literal[Action.TASK_STREAM] = Action.TASK_STREAM
+    data: TaskStream
+
+
+class SendEventMessage(QueueMessage):
+    action: Literal[Action.SEND_EVENT] = Action.SEND_EVENT
+    data: SendEvent
+
+
+class CompletedTaskMessage(QueueMessage):
+    action: Literal[Action.COMPLETED_TASK] = Action.COMPLETED_TASK
+    data: CompletedTask
+
+
+class RegisterServiceMessage(QueueMessage):
+    action: Literal[Action.REGISTER_SERVICE] = Action.REGISTER_SERVICE
+    data: RegisterService
+
+
+class HeartbeatMessage(QueueMessage):
+    action: Literal[Action.HEARTBEAT] = Action.HEARTBEAT
+    data: Heartbeat
+
+
+class DeregisterServiceMessage(QueueMessage):
+    action: Literal[Action.DEREGISTER_SERVICE] = Action.DEREGISTER_SERVICE
+    data: DeregisterService
+
+
+class QueryMessage(QueueMessage):
+    action: Literal[Action.QUERY] = Action.QUERY
+    data: Query
+
+
+class QueryResultMessage(QueueMessage):
+    action: Literal[Action.QUERY_RESULT] = Action.QUERY_RESULT
+    data: QueryResult
+
+
+class DeadLetterMessage(QueueMessage):
+    action: Literal[Action.DEAD_LETTER] = Action.DEAD_LETTER
+    data: DeadLetter
+
+
+TYPED_MESSAGES: tuple[type[QueueMessage], ...] = (
+    NewTaskMessage,
+    DispatchTaskMessage,
+    TaskStreamMessage,
+    SendEventMessage,
+    CompletedTaskMessage,
+    RegisterServiceMessage,
+    HeartbeatMessage,
+    DeregisterServiceMessage,
+    QueryMessage,
+    QueryResultMessage,
+    DeadLetterMessage,
+)
+
+AnyMessage = Annotated[
+    NewTaskMessage
+    | DispatchTaskMessage
+    | TaskStreamMessage
+    | SendEventMessage
+    | CompletedTaskMessage
+    | RegisterServiceMessage
+    | HeartbeatMessage
+    | DeregisterServiceMessage
+    | QueryMessage
+    | QueryResultMessage
+    | DeadLetterMessage,
+    Field(discriminator="action"),
+]
+
+_any_message: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+
+
+class InvalidMessage(ValueError):
+    """A message that is not a valid QueueMessage; the text names what is wrong."""
+
+    error_type = "InvalidMessage"
+
+
+class MessageTooLarge(InvalidMessage):
+    """A message over MAX_MESSAGE_BYTES."""
+
+    error_type = "MessageTooLarge"
+
+
+def parse_message(body: bytes | str) -> AnyMessage:
+    """Validate one message off the wire; raises InvalidMessage naming the problem."""
+    size = len(body.encode(errors="surrogatepass")) if isinstance(body, str) else len(body)
+    if size > MAX_MESSAGE_BYTES:
+        raise MessageTooLarge(
+            f"message of {size} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes"
+        )
+    try:
+        return _any_message.validate_json(body)
+    except ValidationError as exc:
+        raise InvalidMessage(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each problem of a message: the field and what is wrong with it."""
+    problems = []
+    for error in exc.errors(include_url=False)[:5]:
+        if error["type"] == "union_tag_invalid":
+            tag = error.get("ctx", {}).get("tag")
+            problems.append(f"unknown action {tag!r}; expected one of {', '.join(Action)}")
+            continue
+        if error["type"] == "union_tag_not_found":
+            problems.append("action: field required")
+            continue
+        if error["type"] == "json_invalid":
+            problems.append(f"malformed JSON: {error['msg'].removeprefix('Invalid JSON: ')}")
+            continue
+        loc = ".".join(str(part) for part in error["loc"][1:]) or "message"
+        problems.append(f"{loc}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def encode(message: QueueMessage) -> bytes:
+    return message.model_dump_json().encode()

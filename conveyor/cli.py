@@ -1,0 +1,219 @@
+"""The `conveyor` command: run each part, publish tasks, look at tasks and services."""
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from conveyor.contracts import InvalidName
+from conveyor.services.settings import ConfigurationError, load
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Conveyor: LlamaIndex workflows as broker-native microservices.")
+tasks_app = typer.Typer(no_args_is_help=True, help="Look at tasks and dead letters.")
+app.add_typer(tasks_app, name="tasks")
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+
+def fail(reason: object) -> None:
+    errors.print(f"conveyor: {reason}", markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+def _run_loop(coroutine) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def _serve(make_app: Callable[[], Any]) -> None:
+    """Build a FastStream app and run it until SIGINT/SIGTERM; one line and exit 1 on failure."""
+    try:
+        settings = load()
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        faststream_app = make_app()
+    except (ConfigurationError, InvalidName, ImportError) as exc:
+        fail(exc)
+    try:
+        _run_loop(faststream_app.run())
+    except (ConfigurationError, InvalidName) as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        fail(f"cannot run: {type(exc).__name__}: {exc}")
+
+
+@app.command("control-plane")
+def control_plane() -> None:
+    """Run the control plane: task records, event logs, registry, dead letters, queries."""
+    from conveyor.services.control_plane.app import create_app
+
+    _serve(create_app)
+
+
+@app.command()
+def orchestrator() -> None:
+    """Run the orchestrator: dispatches each task to its service."""
+    from conveyor.services.orchestrator.app import create_app
+
+    _serve(create_app)
+
+
+@app.command()
+def serve(
+    workflow: Annotated[str, typer.Argument(help="MODULE:ATTR of a Workflow or its factory")],
+    name: Annotated[str, typer.Option("--name", help="the service's name")],
+    max_concurrent_tasks: Annotated[
+        int | None, typer.Option(help="tasks this replica runs at once")] = None,
+) -> None:
+    """Run a workflow service: one replica of the workflow at MODULE:ATTR."""
+    from conveyor.services.runtime.app import create_app
+    from conveyor.services.runtime.settings import RuntimeSettings
+
+    def make():
+        overrides: dict[str, Any] = {"workflow": workflow, "service_name": name}
+        if max_concurrent_tasks is not None:
+            overrides["max_concurrent_tasks"] = max_concurrent_tasks
+        return create_app(load(RuntimeSettings, **overrides))
+
+    _serve(make)
+
+
+@app.command()
+def up(
+    services: Annotated[
+        list[str] | None,
+        typer.Option("--service", help="NAME=MODULE:ATTR to serve (repeatable); default: examples"),
+    ] = None,
+) -> None:
+    """Run everything on this machine: a broker if none is configured, and every part."""
+    from conveyor.up import run_everything
+
+    try:
+        code = run_everything(services or [])
+    except ConfigurationError as exc:
+        fail(exc)
+    raise typer.Exit(code)
+
+
+def _client_call(action: Callable[[Any], Any]) -> Any:
+    from conveyor.client import Client
+
+    async def go():
+        try:
+            async with Client() as client:
+                return await action(client)
+        except (ConfigurationError, TimeoutError) as exc:
+            fail(exc)
+        except Exception as exc:
+            if isinstance(exc, typer.Exit):
+                raise
+            fail(f"{type(exc).__name__}: {exc}")
+
+    return _run_loop(go())
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+@app.command()
+def publish(
+    service: Annotated[str, typer.Argument(help="the workflow service to run")],
+    input: Annotated[str, typer.Option("--input", help="the start event's fields, as JSON")] = "{}",
+    session: Annotated[str | None, typer.Option("--session", help="session id")] = None,
+    task_id: Annotated[str | None, typer.Option("--task-id", help="idempotency key")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait and print the result")] = False,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait at most")] = None,
+) -> None:
+    """Publish a NEW_TASK; print its task id, or with --wait its result."""
+    try:
+        arguments = json.loads(input)
+    except json.JSONDecodeError as exc:
+        fail(f"--input is not JSON: {exc}")
+    if not isinstance(arguments, dict):
+        fail("--input must be a JSON object of the start event's fields")
+    from conveyor.client import TaskFailed
+
+    async def go(client):
+        new_id = await client.run_nowait(service, session_id=session, task_id=task_id, **arguments)
+        if not wait:
+            return new_id
+        try:
+            return await client.result(new_id, timeout=timeout)
+        except TaskFailed as exc:
+            fail(exc)
+
+    result = _client_call(go)
+    if wait:
+        _print_json(result)
+    else:
+        sys.stdout.write(f"{result}\n")
+
+
+@app.command("services")
+def list_services() -> None:
+    """List registered services and their instances with liveness."""
+    found = _client_call(lambda client: client.list_services())
+    table = Table("service", "instance", "alive", "running", "last heartbeat")
+    for service in found:
+        if not service["instances"]:
+            table.add_row(service["name"], "-", "-", "-", "-")
+        for instance in service["instances"]:
+            table.add_row(service["name"], instance["instance_id"],
+                          "yes" if instance["alive"] else "no", str(instance["running"]),
+                          instance["last_heartbeat"] or "-")
+    console.print(table)
+
+
+@tasks_app.command("list")
+def tasks_list(
+    service: Annotated[str | None, typer.Option(help="only this service")] = None,
+    status: Annotated[str | None, typer.Option(help="only this status")] = None,
+    session: Annotated[str | None, typer.Option(help="only this session")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many")] = 50,
+) -> None:
+    """List tasks, newest first."""
+    found = _client_call(lambda client: client.list_tasks(
+        service=service, status=status, session_id=session, limit=limit))
+    table = Table("task", "service", "status", "attempts", "created", "error")
+    for task in found:
+        error = task["error"] or {}
+        table.add_row(task["task_id"], task["service"], task["status"], str(task["attempts"]),
+                      task["created_at"] or "-", error.get("type", ""))
+    console.print(table)
+
+
+@tasks_app.command("show")
+def tasks_show(task_id: str) -> None:
+    """Show one task's record as JSON."""
+    found = _client_call(lambda client: client.get_task(task_id))
+    if found is None:
+        fail(f"no task {task_id!r}")
+    _print_json(found)
+
+
+@tasks_app.command("dead-letters")
+def tasks_dead_letters(limit: Annotated[int, typer.Option(help="at most this many")] = 50) -> None:
+    """List dead letters, newest first: what was rejected and why."""
+    found = _client_call(lambda client: client.dead_letters(limit=limit))
+    table = Table("received", "topic", "error", "reason", "task")
+    for letter in found:
+        table.add_row(letter["received_at"] or "-", letter["topic"], letter["error_type"] or "",
+                      letter["reason"], letter["task_id"] or "")
+    console.print(table)
+
+
+def main() -> None:
+    app()

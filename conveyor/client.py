@@ -1,0 +1,258 @@
+"""conveyor.Client: start tasks and follow them over the broker, with no HTTP in between.
+
+One private reply topic per client carries every outcome and query answer meant for it;
+each waiting call holds a future that the reply handler resolves, so nothing polls.
+"""
+
+import asyncio
+import os
+import socket
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from pydantic import BaseModel
+
+from conveyor.contracts import (
+    CompletedTaskMessage,
+    InvalidMessage,
+    NewTask,
+    NewTaskMessage,
+    Query,
+    QueryMessage,
+    QueryResultMessage,
+    TaskError,
+    new_id,
+    parse_message,
+    reply_topic,
+    topic,
+)
+from conveyor.contracts.topics import CONTROL_PLANE, QUERY
+from conveyor.services.bus import create_broker, declare_system_queues, publish, subscribe
+from conveyor.services.settings import Settings, load
+
+KEPT_OUTCOMES = 10_000
+
+
+class TaskOutcome(BaseModel):
+    task_id: str
+    session_id: str | None = None
+    service: str = ""
+    status: str
+    result: Any = None
+    error: TaskError | None = None
+
+
+class TaskFailed(RuntimeError):
+    """The task ended failed; `error` has the exception type and message from the workflow."""
+
+    def __init__(self, outcome: TaskOutcome) -> None:
+        self.outcome = outcome
+        self.task_id = outcome.task_id
+        self.error = outcome.error
+        detail = f"{outcome.error.type}: {outcome.error.message}" if outcome.error else "failed"
+        super().__init__(f"task {outcome.task_id} {outcome.status}: {detail}")
+
+
+class TaskCancelled(TaskFailed):
+    """The task was cancelled before it finished."""
+
+
+class QueryFailed(RuntimeError):
+    """The control plane could not answer a query."""
+
+
+class Client:
+    """Async client: `async with Client(broker_url=..., namespace=...) as client:`."""
+
+    def __init__(
+        self,
+        broker_url: str | None = None,
+        namespace: str | None = None,
+        *,
+        publisher_id: str | None = None,
+        query_timeout: float = 30.0,
+    ) -> None:
+        overrides = {"broker_url": broker_url, "namespace": namespace}
+        self.settings: Settings = load(**{k: v for k, v in overrides.items() if v is not None})
+        self.publisher_id = publisher_id or f"client@{socket.gethostname()}:{os.getpid()}"
+        self.query_timeout = query_timeout
+        self._id = new_id()[:12]
+        self._reply_to = reply_topic(self.settings.namespace, self._id)
+        self._broker = create_broker(self.settings)
+        self._waiting: dict[str, asyncio.Future] = {}
+        self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()
+        self._answers: dict[str, asyncio.Future] = {}
+        subscribe(self._broker, self.settings, self._reply_to, None)(self._on_reply)
+
+    async def __aenter__(self) -> "Client":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self._broker.start()
+        await declare_system_queues(self._broker, self.settings)
+
+    async def close(self) -> None:
+        await self._broker.stop()
+
+    async def _on_reply(self, body: bytes) -> None:
+        try:
+            message = parse_message(body)
+        except InvalidMessage:
+            return
+        match message:
+            case CompletedTaskMessage(data=done):
+                outcome = TaskOutcome.model_validate(done.model_dump())
+                self._outcomes[outcome.task_id] = outcome
+                while len(self._outcomes) > KEPT_OUTCOMES:
+                    self._outcomes.popitem(last=False)
+                future = self._waiting.pop(outcome.task_id, None)
+                if future is not None and not future.done():
+                    future.set_result(outcome)
+            case QueryResultMessage(data=answer):
+                future = self._answers.pop(answer.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(answer)
+
+    # Starting tasks
+
+    async def run_nowait(
+        self,
+        service: str,
+        *,
+        session_id: str | None = None,
+        task_id: str | None = None,
+        **input: Any,
+    ) -> str:
+        """Publish a NEW_TASK and return its task id."""
+        task = NewTask(
+            service=service, session_id=session_id, input=input, reply_to=self._reply_to,
+            **({"task_id": task_id} if task_id else {}),
+        )
+        self._waiting.setdefault(task.task_id, asyncio.get_running_loop().create_future())
+        message = NewTaskMessage(type=CONTROL_PLANE, publisher_id=self.publisher_id, data=task)
+        await publish(self._broker, self.settings, message,
+                      topic(self.settings.namespace, CONTROL_PLANE), key=task.task_id)
+        return task.task_id
+
+    async def run(
+        self,
+        service: str,
+        *,
+        session_id: str | None = None,
+        task_id: str | None = None,
+        timeout: float | None = None,
+        **input: Any,
+    ) -> Any:
+        """Run a task to its end and return the workflow's result; raises TaskFailed."""
+        task_id = await self.run_nowait(service, session_id=session_id, task_id=task_id, **input)
+        return await self.result(task_id, timeout=timeout)
+
+    # Following tasks
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> TaskOutcome:
+        """Wait for a task to finish, whoever started it; returns its outcome."""
+        if task_id in self._outcomes:
+            return self._outcomes[task_id]
+        mine = self._waiting.get(task_id)
+        if mine is not None:
+            return await asyncio.wait_for(asyncio.shield(mine), timeout)
+        view = await self._ask(Query(kind="watch_task", task_id=task_id, reply_to=self._reply_to),
+                               timeout=timeout)
+        return TaskOutcome.model_validate(view)
+
+    async def result(self, task_id: str, timeout: float | None = None) -> Any:
+        outcome = await self.wait(task_id, timeout)
+        if outcome.status == "cancelled":
+            raise TaskCancelled(outcome)
+        if outcome.status != "completed":
+            raise TaskFailed(outcome)
+        return outcome.result
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        """The control plane's record of a task, or None if it has none."""
+        return await self._ask(Query(kind="get_task", task_id=task_id, reply_to=self._reply_to))
+
+    async def status(self, task_id: str) -> str | None:
+        record = await self.get_task(task_id)
+        return record["status"] if record else None
+
+    async def list_tasks(
+        self,
+        *,
+        service: str | None = None,
+        status: str | None = None,
+        session_id: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        query = Query(kind="list_tasks", service=service, status=status, session_id=session_id,
+                      limit=limit, reply_to=self._reply_to)
+        return await self._ask(query)
+
+    async def list_services(self) -> list[dict[str, Any]]:
+        return await self._ask(Query(kind="list_services", reply_to=self._reply_to))
+
+    async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        return await self._ask(Query(kind="list_dead_letters", limit=limit,
+                                     reply_to=self._reply_to))
+
+    async def _ask(self, query: Query, timeout: float | None = -1.0) -> Any:
+        message = QueryMessage(type=QUERY, publisher_id=self.publisher_id, data=query)
+        future = asyncio.get_running_loop().create_future()
+        self._answers[message.id] = future
+        try:
+            await publish(self._broker, self.settings, message,
+                          topic(self.settings.namespace, QUERY))
+            wait_for = self.query_timeout if timeout == -1.0 else timeout
+            try:
+                answer = await asyncio.wait_for(future, wait_for)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"no answer to {query.kind} within {wait_for} s: is the control plane up?"
+                ) from None
+        finally:
+            self._answers.pop(message.id, None)
+        if answer.error:
+            raise QueryFailed(f"{answer.error.type}: {answer.error.message}")
+        return answer.result
+
+
+class BlockingClient:
+    """The blocking twin of Client: the same methods, called without await."""
+
+    def __init__(self, broker_url: str | None = None, namespace: str | None = None,
+                 **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="conveyor-client")
+        self._thread.start()
+        self._client = self._call(self._make(broker_url, namespace, options))
+        self._call(self._client.start())
+
+    @staticmethod
+    async def _make(broker_url, namespace, options) -> Client:
+        return Client(broker_url, namespace, **options)
+
+    def _call(self, coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+        return lambda *args, **kwargs: self._call(method(*args, **kwargs))
+
+    def close(self) -> None:
+        self._call(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "BlockingClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,76 @@
+"""`conveyor up`: every part of Conveyor on one machine, as child processes.
+
+Starts the embedded Kafka-compatible broker when CONVEYOR_BROKER_URL is unset, then the
+control plane, the orchestrator and the workflow services; Ctrl-C stops every one of them.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+from rich.console import Console
+
+from conveyor import embedded_broker
+from conveyor.services.settings import load
+
+EXAMPLES = [
+    "echo=conveyor.services.examples.echo:workflow",
+    "slow=conveyor.services.examples.slow:workflow",
+]
+GRACE_SECONDS = 15
+
+console = Console()
+
+
+def _conveyor(*args: str) -> list[str]:
+    return [sys.executable, "-m", "conveyor", *args]
+
+
+def run_everything(services: list[str]) -> int:
+    settings = load()
+    children: dict[str, subprocess.Popen] = {}
+    env = dict(os.environ)
+    broker = None
+    if not settings.broker_url:
+        port = 9092 if not embedded_broker.port_open(9092) else embedded_broker.free_port()
+        broker, url = embedded_broker.start(port)
+        env["CONVEYOR_BROKER_URL"] = url
+        console.print(f"embedded Kafka-compatible broker (tansu, in memory) at [bold]{url}[/]")
+    url = env["CONVEYOR_BROKER_URL"]
+    commands = {"control-plane": _conveyor("control-plane"),
+                "orchestrator": _conveyor("orchestrator")}
+    for spec in services or EXAMPLES:
+        name, _, workflow = spec.partition("=")
+        commands[name] = _conveyor("serve", workflow, "--name", name)
+    try:
+        for name, command in commands.items():
+            children[name] = subprocess.Popen(command, env=env)
+        console.print(f"running {', '.join(children)} on {url} (state: {settings.state_url})")
+        console.print("publish a task from another shell with:\n"
+                      f"  CONVEYOR_BROKER_URL={url} conveyor publish echo "
+                      "--input '{\"message\": \"hello\"}' --wait\n"
+                      "press Ctrl-C to stop everything")
+        pid, status = os.wait()
+        gone = next((n for n, p in children.items() if p.pid == pid), str(pid))
+        console.print(f"[red]{gone} exited with status {os.waitstatus_to_exitcode(status)}[/]; "
+                      "stopping the rest")
+        return 1
+    except KeyboardInterrupt:
+        console.print("stopping")
+        return 0
+    finally:
+        _stop(list(children.values()) + ([broker] if broker else []))
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM every process, then SIGKILL whatever is still there after the grace period."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,176 @@
+"""One code path over RabbitMQ and Kafka: building the FastStream broker, subscribing, publishing.
+
+RabbitMQ: one durable topic exchange per namespace; a subscription is a durable queue
+bound to the topic as routing key; messages are persistent and publisher-confirmed.
+Kafka: the topic is the topic; a subscription is a consumer group; messages are keyed by
+task id and offsets are committed after the handler has finished.
+"""
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, TopicPartition
+from faststream.kafka.schemas import Topic
+from faststream.message import StreamMessage
+from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
+from faststream.rabbit.schemas import Channel
+
+from conveyor.contracts import MAX_MESSAGE_BYTES, QueueMessage, encode, topic
+from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
+
+from .settings import Settings
+
+Broker = RabbitBroker | KafkaBroker
+Handler = Callable[[bytes, StreamMessage], Awaitable[Any]]
+
+_quiet = logging.getLogger("conveyor.broker")
+_quiet.setLevel(logging.WARNING)
+
+
+def create_broker(settings: Settings, *, middlewares: tuple = ()) -> Broker:
+    """The FastStream broker for CONVEYOR_BROKER_URL, with every durability setting on."""
+    url = settings.require_broker_url()
+    common: dict[str, Any] = {
+        "logger": _quiet,
+        "log_level": logging.DEBUG,
+        "middlewares": middlewares,
+        "graceful_timeout": 15.0,
+    }
+    if settings.broker_kind == "rabbit":
+        return RabbitBroker(url, reconnect_interval=1.0, **common)
+    return KafkaBroker(
+        settings.kafka_servers,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotence,
+        max_request_size=MAX_MESSAGE_BYTES + 64 * 1024,
+        request_timeout_ms=10_000,
+        **common,
+    )
+
+
+# The consumer groups of Conveyor's own topics: (message type, the part that consumes it).
+SYSTEM_SUBSCRIPTIONS = [
+    (CONTROL_PLANE, "recorder"),
+    (CONTROL_PLANE, "orchestrator"),
+    (REGISTRY, "control_plane"),
+    (REGISTRY, "orchestrator"),
+    (DEAD_LETTER, "control_plane"),
+    (QUERY, "control_plane"),
+]
+
+
+def group_name(settings: Settings, message_type: str, part: str) -> str:
+    """A consumer group's name; on RabbitMQ it is also the name of the group's queue."""
+    return f"{settings.namespace}.{message_type}.{part}"
+
+
+async def declare_system_queues(broker: Broker, settings: Settings) -> None:
+    """Make sure nothing published to Conveyor's topics is dropped for want of a queue.
+
+    RabbitMQ discards a message no queue is bound for, so every part declares (idempotently)
+    the durable queues of the control plane and the orchestrator before it publishes.
+    Kafka keeps every topic's messages for groups that join later, so there is nothing to do.
+    """
+    if not isinstance(broker, RabbitBroker):
+        return
+    declared = await broker.declare_exchange(exchange(settings))
+    for message_type, part in SYSTEM_SUBSCRIPTIONS:
+        queue = await broker.declare_queue(
+            RabbitQueue(group_name(settings, message_type, part), durable=True)
+        )
+        await queue.bind(declared, routing_key=topic(settings.namespace, message_type))
+
+
+def exchange(settings: Settings) -> RabbitExchange:
+    return RabbitExchange(settings.namespace, type=ExchangeType.TOPIC, durable=True)
+
+
+async def _raw_body(message: StreamMessage) -> bytes:
+    return message.body
+
+
+def subscribe(
+    broker: Broker,
+    settings: Settings,
+    topic: str,
+    group: str | None,
+    *,
+    concurrency: int = 1,
+) -> Callable[[Handler], Any]:
+    """A subscription of `group` to `topic`; replicas that share a group share the work.
+
+    With `group=None` the subscription is private to this process (a reply topic): on
+    RabbitMQ an exclusive auto-deleted queue, on Kafka a consumer outside any group.
+    The handler receives the raw body and validates it itself, so that a malformed
+    message is answered and dead-lettered rather than dropped by the framework.
+    """
+    if isinstance(broker, RabbitBroker):
+        if group is None:
+            queue = RabbitQueue(topic, routing_key=topic, exclusive=True, auto_delete=True)
+        else:
+            queue = RabbitQueue(group, routing_key=topic, durable=True)
+        return broker.subscriber(
+            queue,
+            exchange(settings),
+            channel=Channel(prefetch_count=concurrency),
+            ack_policy=AckPolicy.ACK if group else AckPolicy.ACK_FIRST,
+            decoder=_raw_body,
+        )
+    options: dict[str, Any] = {
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": 10,
+        "decoder": _raw_body,
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES + 64 * 1024,
+    }
+    if group is None:
+        return broker.subscriber(
+            partitions=[TopicPartition(topic, 0)], ack_policy=AckPolicy.ACK_FIRST, **options
+        )
+    if concurrency > 1:
+        # FastStream runs one consumer per worker; a partition feeds at most one of them.
+        options["max_workers"] = min(concurrency, settings.kafka_partitions)
+    return broker.subscriber(
+        Topic(topic, num_partitions=settings.kafka_partitions),
+        group_id=group,
+        ack_policy=AckPolicy.ACK,
+        session_timeout_ms=6_000,
+        heartbeat_interval_ms=1_000,
+        **options,
+    )
+
+
+def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str):
+    """The subscription of one Conveyor part to one of Conveyor's own topics."""
+    return subscribe(broker, settings, topic(settings.namespace, message_type),
+                     group_name(settings, message_type, part))
+
+
+async def publish(
+    broker: Broker,
+    settings: Settings,
+    message: QueueMessage,
+    topic: str,
+    *,
+    key: str | None = None,
+) -> None:
+    """Publish durably: confirmed by RabbitMQ, or acknowledged by all Kafka replicas."""
+    body = encode(message)
+    if isinstance(broker, RabbitBroker):
+        await broker.publish(
+            body,
+            routing_key=topic,
+            exchange=exchange(settings),
+            persist=True,
+            message_id=message.id,
+            content_type="application/json",
+            mandatory=False,
+        )
+    else:
+        await broker.publish(
+            body,
+            topic=topic,
+            key=key.encode() if key else None,
+            headers={"content-type": "application/json"},
+        )

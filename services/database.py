@@ -1,0 +1,159 @@
+"""The durable state at CONVEYOR_STATE_URL: SQLite or PostgreSQL through SQLAlchemy's async core.
+
+Every part shares one database and owns its own tables: the control plane the task
+records, event log, registry and dead letters; the orchestrator its dispatches.
+"""
+
+import asyncio
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .settings import ConfigurationError
+
+metadata = MetaData()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("service", String(100), nullable=False, index=True),
+    Column("session_id", String(200), index=True),
+    Column("parent_task_id", String(200), index=True),
+    Column("publisher_id", String(200)),
+    Column("status", String(16), nullable=False, index=True),
+    Column("input", JSON),
+    Column("result", JSON),
+    Column("error", JSON),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("reply_to", String(300)),
+    Column("stream", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("event", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+watchers = Table(
+    "watchers",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("reply_to", String(300), primary_key=True),
+    Column("request_id", String(200), primary_key=True),
+)
+
+services = Table(
+    "services",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("workflow", String(300)),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("instance_id", String(200), primary_key=True),
+    Column("service", String(100), nullable=False, index=True),
+    Column("host", String(200)),
+    Column("pid", Integer),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("last_heartbeat", DateTime(timezone=True), nullable=False),
+    Column("running", Integer, nullable=False, default=0),
+    Column("stopped", Boolean, nullable=False, default=False),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(200), index=True),
+    Column("topic", String(300)),
+    Column("reason", Text, nullable=False),
+    Column("error_type", String(100)),
+    Column("body", Text),
+    Column("publisher_id", String(200)),
+    Column("task_id", String(200)),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+dispatches = Table(
+    "dispatches",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("service", String(100), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("finished", Boolean, nullable=False, default=False),
+    Column("dispatched_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def async_url(state_url: str) -> str:
+    """CONVEYOR_STATE_URL in the form SQLAlchemy's async drivers take."""
+    if state_url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + state_url.removeprefix("sqlite:///")
+    for prefix in ("postgresql://", "postgres://"):
+        if state_url.startswith(prefix):
+            return "postgresql+asyncpg://" + state_url.removeprefix(prefix)
+    if state_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        return state_url
+    raise ConfigurationError(
+        f"CONVEYOR_STATE_URL {state_url!r} must be sqlite:///path or postgresql://user@host/db"
+    )
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+async def connect(state_url: str) -> AsyncEngine:
+    """Open the state store and create its tables; fails with one line if it can't."""
+    url = async_url(state_url)
+    engine = create_async_engine(url, pool_pre_ping=False)
+    if url.startswith("sqlite"):
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    for attempt in range(3):
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+            return engine
+        except Exception as exc:
+            # Parts starting together race to create the tables; the loser tries again.
+            if attempt < 2 and "already exists" in str(exc):
+                await asyncio.sleep(0.2)
+                continue
+            await engine.dispose()
+            raise ConfigurationError(
+                f"state store {state_url!r} cannot be reached: {type(exc).__name__}: {exc}"
+            ) from None
+    return engine

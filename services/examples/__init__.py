@@ -1,0 +1,1 @@
+"""Example workflows that `conveyor up` serves and the tests run."""

@@ -1,0 +1,138 @@
+"""The orchestrator: decides when and where each task runs.
+
+It reads the front door beside the control plane: a NEW_TASK for a registered service is
+dispatched once (the task id is the key) to that service's topic, where its replicas
+compete for it; a NEW_TASK for a service nobody registered is failed with UnknownService.
+"""
+
+import logging
+import os
+import socket
+
+from faststream import FastStream
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor.contracts import (
+    CompletedTask,
+    CompletedTaskMessage,
+    DispatchTask,
+    DispatchTaskMessage,
+    HeartbeatMessage,
+    InvalidMessage,
+    NewTask,
+    NewTaskMessage,
+    RegisterServiceMessage,
+    TaskError,
+    parse_message,
+    service_topic,
+    topic,
+)
+from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
+
+from .. import database
+from ..bus import create_broker, declare_system_queues, publish, subscribe_system
+from ..dead_letters import reject
+from ..settings import Settings, load
+from . import state
+
+log = logging.getLogger("conveyor.orchestrator")
+
+
+class UnknownService(LookupError):
+    """A task names a service that never registered."""
+
+
+def create_app(settings: Settings | None = None) -> FastStream:
+    settings = settings or load()
+    ns = settings.namespace
+    broker = create_broker(settings)
+    publisher_id = f"orchestrator@{socket.gethostname()}:{os.getpid()}"
+    engine: AsyncEngine | None = None
+    registered: set[str] = set()
+
+    async def is_registered(service: str) -> bool:
+        if service not in registered:
+            async with engine.connect() as conn:
+                registered.update(await state.known_services(conn))
+        return service in registered
+
+    async def dispatch(task: NewTask) -> None:
+        async with engine.begin() as conn:
+            if not await state.claim_first_dispatch(conn, task.task_id, task.service):
+                log.info("task %s was dispatched before; duplicate ignored", task.task_id)
+                return
+            message = DispatchTaskMessage(
+                type=task.service, publisher_id=publisher_id,
+                data=DispatchTask(task=task, attempt=1),
+            )
+            # Published inside the transaction: the claim commits only once the broker has it.
+            await publish(broker, settings, message, service_topic(ns, task.service),
+                          key=task.task_id)
+
+    async def fail_unknown(task: NewTask, body: bytes) -> None:
+        error = UnknownService(f"no service named {task.service!r} is registered")
+        outcome = CompletedTask(
+            task_id=task.task_id, session_id=task.session_id, service=task.service,
+            status="failed", error=TaskError(type="UnknownService", message=str(error)),
+            reply_to=task.reply_to,
+        )
+        await reject(
+            broker, settings, body=body, source_topic=topic(ns, CONTROL_PLANE),
+            error_type="UnknownService", reason=str(error), publisher_id=publisher_id,
+            answer=False,
+        )
+        await publish(
+            broker, settings,
+            CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=publisher_id, data=outcome),
+            topic(ns, CONTROL_PLANE), key=task.task_id,
+        )
+
+    @subscribe_system(broker, settings, CONTROL_PLANE, "orchestrator")
+    async def on_task_message(body: bytes) -> None:
+        try:
+            message = parse_message(body)
+        except InvalidMessage:
+            return  # the control plane answers and dead-letters it
+        match message:
+            case NewTaskMessage(data=task):
+                if await is_registered(task.service):
+                    await dispatch(task)
+                else:
+                    await fail_unknown(task, body)
+            case CompletedTaskMessage(data=outcome):
+                async with engine.begin() as conn:
+                    await state.mark_finished(conn, outcome.task_id)
+
+    @subscribe_system(broker, settings, REGISTRY, "orchestrator")
+    async def on_registry(body: bytes) -> None:
+        try:
+            message = parse_message(body)
+        except InvalidMessage:
+            return  # the control plane answers and dead-letters it
+        match message:
+            case RegisterServiceMessage(data=registration):
+                registered.add(registration.service)
+            case HeartbeatMessage(data=beat):
+                registered.add(beat.service)
+
+    async def start() -> None:
+        nonlocal engine
+        engine = await database.connect(settings.state_url)
+        async with engine.connect() as conn:
+            registered.update(await state.known_services(conn))
+
+    async def stop() -> None:
+        if engine is not None:
+            await engine.dispose()
+
+    async def declare() -> None:
+        await declare_system_queues(broker, settings)
+
+    return FastStream(broker, on_startup=[start], after_startup=[declare], after_shutdown=[stop])
+
+
+def __getattr__(name: str) -> FastStream:
+    # `faststream run conveyor.services.orchestrator.app:app` builds the app from the environment.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

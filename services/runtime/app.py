@@ -1,0 +1,151 @@
+"""A workflow service: one replica running one workflow, as a FastStream app.
+
+It registers with the control plane, heartbeats the tasks it holds, takes dispatched tasks
+from its service topic (replicas compete), streams their events and publishes each outcome
+to the front door, where the control plane records it and answers reply_to.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+
+from faststream import FastStream
+
+from conveyor.contracts import (
+    CompletedTask,
+    CompletedTaskMessage,
+    DeregisterService,
+    DeregisterServiceMessage,
+    DispatchTask,
+    DispatchTaskMessage,
+    EventEnvelope,
+    Heartbeat,
+    HeartbeatMessage,
+    InvalidMessage,
+    RegisterService,
+    RegisterServiceMessage,
+    RunningTask,
+    TaskStream,
+    TaskStreamMessage,
+    parse_message,
+    service_topic,
+    topic,
+)
+from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
+
+from ..bus import create_broker, declare_system_queues, publish, subscribe
+from ..dead_letters import reject
+from ..settings import ConfigurationError, load
+from .settings import RuntimeSettings
+from .worker import describe, load_workflow, run_task
+
+log = logging.getLogger("conveyor.runtime")
+
+
+def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastStream:
+    settings = settings or load(RuntimeSettings)
+    name = settings.service_name
+    if not name:
+        raise ConfigurationError("CONVEYOR_SERVICE_NAME (or --name) is required")
+    ns = settings.namespace
+    own_topic = service_topic(ns, name)
+    workflow = workflow or load_workflow(settings.workflow)
+    broker = create_broker(settings)
+    instance_id = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    running: dict[str, int] = {}
+    heartbeats: asyncio.Task | None = None
+
+    async def emit(message, to: str, key: str | None = None) -> None:
+        await publish(broker, settings, message, to, key=key)
+
+    async def run(dispatch: DispatchTask) -> None:
+        task = dispatch.task
+        index = 0
+
+        async def stream(event: EventEnvelope) -> None:
+            nonlocal index
+            data = TaskStream(
+                task_id=task.task_id, session_id=task.session_id, index=index, event=event,
+                attempt=dispatch.attempt, reply_to=task.reply_to, stream=task.stream,
+            )
+            index += 1
+            await emit(TaskStreamMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=data),
+                       topic(ns, CONTROL_PLANE), task.task_id)
+
+        outcome = CompletedTask(
+            task_id=task.task_id, session_id=task.session_id, service=name,
+            status="completed", attempt=dispatch.attempt, reply_to=task.reply_to,
+        )
+        running[task.task_id] = dispatch.attempt
+        try:
+            outcome.result = await run_task(workflow, task, stream)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the step's failure is the task's outcome, never a crash
+            log.info("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
+            outcome.status, outcome.error = "failed", describe(exc)
+        finally:
+            running.pop(task.task_id, None)
+        await emit(
+            CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome),
+            topic(ns, CONTROL_PLANE), task.task_id,
+        )
+
+    @subscribe(broker, settings, own_topic, own_topic, concurrency=settings.max_concurrent_tasks)
+    async def on_dispatch(body: bytes) -> None:
+        try:
+            message = parse_message(body)
+            if not isinstance(message, DispatchTaskMessage):
+                raise InvalidMessage(f"action {message.action.value!r} is not taken on {own_topic}")
+        except InvalidMessage as exc:
+            await reject(broker, settings, body=body, source_topic=own_topic,
+                         error_type=exc.error_type, reason=str(exc), publisher_id=instance_id)
+            return
+        await run(message.data)
+
+    async def beat_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.heartbeat_interval)
+            beat = Heartbeat(
+                service=name, instance_id=instance_id,
+                running=[RunningTask(task_id=t, attempt=a) for t, a in running.items()],
+            )
+            try:
+                await emit(HeartbeatMessage(type=REGISTRY, publisher_id=instance_id, data=beat),
+                           topic(ns, REGISTRY), instance_id)
+            except Exception as exc:  # a missed beat is survivable; the next one may get through
+                log.warning("heartbeat not sent: %s", exc)
+
+    async def register() -> None:
+        nonlocal heartbeats
+        await declare_system_queues(broker, settings)
+        registration = RegisterService(
+            service=name, instance_id=instance_id, host=socket.gethostname(), pid=os.getpid(),
+            workflow=settings.workflow,
+        )
+        await emit(RegisterServiceMessage(type=REGISTRY, publisher_id=instance_id,
+                                          data=registration), topic(ns, REGISTRY), instance_id)
+        heartbeats = asyncio.create_task(beat_forever())
+
+    async def deregister() -> None:
+        if heartbeats is not None:
+            heartbeats.cancel()
+            await asyncio.gather(heartbeats, return_exceptions=True)
+        gone = DeregisterService(service=name, instance_id=instance_id)
+        try:
+            await emit(DeregisterServiceMessage(type=REGISTRY, publisher_id=instance_id,
+                                                data=gone), topic(ns, REGISTRY), instance_id)
+        except Exception as exc:
+            log.warning("could not deregister %s: %s", instance_id, exc)
+
+    return FastStream(broker, after_startup=[register], on_shutdown=[deregister])
+
+
+def __getattr__(name: str) -> FastStream:
+    # `faststream run conveyor.services.runtime.app:app` with CONVEYOR_SERVICE_NAME and
+    # CONVEYOR_WORKFLOW set builds a workflow service from the environment.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,68 @@
+"""Configuration shared by every Conveyor part, read once from `CONVEYOR_*` variables."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from conveyor.contracts import check_name
+
+
+class ConfigurationError(RuntimeError):
+    """Configuration that cannot work; the text says which setting and why."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    broker_url: str | None = Field(
+        default=None, description="amqp://... selects RabbitMQ, kafka://host:port[,...] Kafka"
+    )
+    namespace: str = "conveyor"
+    state_url: str = f"sqlite:///{Path.cwd() / 'conveyor.db'}"
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    heartbeat_timeout: float = Field(default=10.0, gt=0)
+    kafka_partitions: int = Field(default=4, ge=1)
+    kafka_idempotence: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_a_name(cls, value: str) -> str:
+        return check_name(value, "CONVEYOR_NAMESPACE")
+
+    @property
+    def broker_kind(self) -> Literal["rabbit", "kafka"]:
+        url = self.require_broker_url()
+        if url.startswith(("amqp://", "amqps://")):
+            return "rabbit"
+        if url.startswith("kafka://"):
+            return "kafka"
+        raise ConfigurationError(
+            f"CONVEYOR_BROKER_URL {url!r} must start with amqp:// (RabbitMQ) or kafka:// (Kafka)"
+        )
+
+    def require_broker_url(self) -> str:
+        if not self.broker_url:
+            raise ConfigurationError(
+                "CONVEYOR_BROKER_URL is not set: use amqp://user:pass@host:5672/ or "
+                "kafka://host:9092 (or `conveyor up`, which starts a broker)"
+            )
+        return self.broker_url
+
+    @property
+    def kafka_servers(self) -> list[str]:
+        return self.require_broker_url().removeprefix("kafka://").split(",")
+
+
+def load(settings_class: type[Settings] = Settings, **overrides) -> Settings:
+    """Read settings, turning a validation failure into a one-line ConfigurationError."""
+    from pydantic import ValidationError
+
+    try:
+        return settings_class(**overrides)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        name = "CONVEYOR_" + "_".join(str(p) for p in first["loc"]).upper()
+        raise ConfigurationError(f"{name}: {first['msg']}") from None

@@ -1,0 +1,101 @@
+"""Real Conveyor processes for integration tests: start, kill -9, restart, read their logs."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conveyor import Client, TaskFailed
+
+TESTS = Path(__file__).parent
+
+SERVICES = {
+    "echo": "conveyor.services.examples.echo:workflow",
+    "slow": "conveyor.services.examples.slow:workflow",
+    "recorded": "sample_workflows:recorded",
+    "unserializable": "sample_workflows:unserializable",
+}
+
+
+@dataclass
+class Deployment:
+    broker_url: str
+    workdir: Path
+    namespace: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CONVEYOR_BROKER_URL": self.broker_url,
+            "CONVEYOR_NAMESPACE": self.namespace,
+            "CONVEYOR_STATE_URL": f"sqlite:///{self.workdir / 'state.db'}",
+            "CONVEYOR_HEARTBEAT_INTERVAL": "0.5",
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        }
+
+    def command(self, part: str) -> list[str]:
+        if part in SERVICES:
+            return [sys.executable, "-m", "conveyor", "serve", SERVICES[part], "--name", part]
+        return [sys.executable, "-m", "conveyor", part]
+
+    def start(self, *parts: str) -> None:
+        for part in parts:
+            log = open(self.workdir / f"{part}.log", "ab")
+            self.processes[part] = subprocess.Popen(
+                self.command(part), env=self.env, cwd=self.workdir, stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self, part: str) -> None:
+        process = self.processes.pop(part)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes.clear()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}"
+                         for p in sorted(self.workdir.glob("*.log")))
+
+    def client(self) -> Client:
+        return Client(self.broker_url, self.namespace)
+
+    async def ready(self, *services: str, timeout: float = 90.0) -> None:
+        """Wait until each service has run a task end to end."""
+        async with self.client() as client:
+            async with asyncio.timeout(timeout):
+                for service in services:
+                    # Until the parts have declared their queues, a task may go nowhere
+                    # (RabbitMQ) or to a service not yet known: try again until one runs.
+                    while True:
+                        try:
+                            await client.run(service, timeout=5, log=os.devnull)
+                            break
+                        except TimeoutError:
+                            continue
+                        except TaskFailed as exc:
+                            if exc.error is None or exc.error.type != "UnknownService":
+                                break  # it ran: the service is up
+                            await asyncio.sleep(0.3)
+
+
+async def eventually(check, timeout: float = 15.0):
+    """Await `check()` until it returns something truthy: for records written asynchronously."""
+    async with asyncio.timeout(timeout):
+        while not (found := await check()):
+            await asyncio.sleep(0.2)
+    return found

@@ -1,0 +1,153 @@
+"""compose.yaml without a Docker engine: valid Compose, real commands, real settings."""
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+from workflows import Workflow
+
+from conveyor.cli import app
+from conveyor.services.runtime.settings import RuntimeSettings
+from conveyor.services.runtime.worker import load_workflow
+from conveyor.services.settings import load
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "compose.yaml"
+EXPECTED_PARTS = {"control-plane", "orchestrator", "echo", "slow"}
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def conveyor_services() -> dict[str, dict]:
+    """The services built from the project's Dockerfile, i.e. the Conveyor parts."""
+    return {name: spec for name, spec in compose()["services"].items() if "build" in spec}
+
+
+def environment(spec: dict) -> dict[str, str]:
+    """A service's environment, in either of Compose's forms (mapping or KEY=VALUE list)."""
+    env = spec.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {key: "" if value is None else str(value) for key, value in env.items()}
+
+
+def command_words(spec: dict) -> list[str]:
+    command = spec.get("command")
+    return shlex.split(command) if isinstance(command, str) else list(command or [])
+
+
+def resolve(words: list[str]) -> tuple[list[str], Any, list[str]]:
+    """Split `conveyor a b --x y` into the subcommand path, its command object, its arguments."""
+    command = typer.main.get_command(app)  # typer may vendor click: no isinstance checks
+    path: list[str] = []
+    rest = list(words)
+    while rest and rest[0] in (getattr(command, "commands", None) or {}):
+        path.append(rest.pop(0))
+        command = command.commands[path[-1]]
+    return path, command, rest
+
+
+def test_compose_file_is_valid_against_the_compose_spec():
+    if importlib.util.find_spec("check_jsonschema") is None:
+        pytest.fail(
+            "check-jsonschema is not installed, so compose.yaml cannot be validated: "
+            "pip install check-jsonschema",
+            pytrace=False,
+        )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "check_jsonschema",
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(COMPOSE_FILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, (
+        f"compose.yaml does not validate against the compose-spec:\n{result.stdout}{result.stderr}"
+    )
+
+
+def test_every_conveyor_part_is_a_service_built_from_the_one_dockerfile():
+    services = conveyor_services()
+    assert EXPECTED_PARTS <= set(services), f"missing: {EXPECTED_PARTS - set(services)}"
+    for name, spec in services.items():
+        build = spec["build"]
+        context = build if isinstance(build, str) else build.get("context", ".")
+        dockerfile = (
+            "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+        )
+        assert (ROOT / context).resolve() == ROOT, f"{name} builds from {context!r}"
+        assert dockerfile == "Dockerfile", f"{name} builds from {dockerfile!r}"
+        assert (ROOT / dockerfile).is_file()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))
+def test_each_part_waits_for_healthy_broker_and_state_store(name):
+    everything = compose()["services"]
+    depends_on = everything[name].get("depends_on") or {}
+    for needed in ("rabbitmq", "postgres"):
+        assert needed in depends_on, f"{name} does not depend on {needed}"
+        assert depends_on[needed].get("condition") == "service_healthy"
+        assert "healthcheck" in everything[needed], f"{needed} has no healthcheck"
+    assert everything[name].get("restart") == "unless-stopped"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))
+def test_each_command_is_a_real_conveyor_command(name):
+    words = command_words(conveyor_services()[name])
+    assert words, f"{name} has no command, so it would only print `conveyor --help`"
+    assert words[0] == "conveyor", f"{name} runs {words[0]!r}, not conveyor"
+    path, command, arguments = resolve(words[1:])
+    assert path, f"{name}: {words[1:2]} is not a conveyor command"
+
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, f"conveyor {' '.join(path)} --help:\n{result.output}"
+
+    # The arguments must parse as that command's (no unknown options, none missing).
+    context = command.make_context(" ".join(["conveyor", *path]), list(arguments))
+    if path == ["serve"]:
+        assert isinstance(load_workflow(context.params["workflow"]), Workflow)
+        assert context.params["name"]
+
+
+def test_every_conveyor_variable_is_a_setting_the_code_reads():
+    prefix = RuntimeSettings.model_config["env_prefix"].upper()
+    known = {prefix + field.upper() for field in RuntimeSettings.model_fields}
+    used = {
+        (name, key)
+        for name, spec in compose()["services"].items()
+        for key in environment(spec)
+        if key.upper().startswith(prefix)
+    }
+    assert used, "compose.yaml sets no CONVEYOR_* variable"
+    unknown = sorted(f"{name}: {key}" for name, key in used if key.upper() not in known)
+    assert not unknown, f"not settings of RuntimeSettings ({sorted(known)}): {unknown}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))
+def test_each_part_environment_is_valid_configuration(name, monkeypatch):
+    everything = compose()["services"]
+    env = environment(everything[name])
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = load(RuntimeSettings)
+    assert settings.broker_kind == "rabbit"
+    # The broker and the state store are reached by their compose service names.
+    for url in (settings.broker_url, settings.state_url):
+        host = urlsplit(url).hostname
+        assert host in everything, f"{name}: {url} names host {host!r}, not a compose service"
