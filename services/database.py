@@ -129,11 +129,18 @@ def async_url(state_url: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # Let SQLAlchemy, not the driver, begin transactions, so that _sqlite_begin can make
+    # every one BEGIN IMMEDIATE: writers queue for the lock instead of racing on stale reads.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def _sqlite_begin(connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 async def connect(state_url: str) -> AsyncEngine:
@@ -142,6 +149,7 @@ async def connect(state_url: str) -> AsyncEngine:
     engine = create_async_engine(url, pool_pre_ping=False)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
     for attempt in range(3):
         try:
             async with engine.begin() as conn:

@@ -6,7 +6,7 @@ Every write is idempotent on the message's own ids, so a redelivered message cha
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -37,6 +37,19 @@ def _upsert(conn: AsyncConnection, table, keys: list[str], values: dict, update_
     )
 
 
+async def _lock_task(conn: AsyncConnection, task_id: str) -> None:
+    """Serialize the outcome and the watchers of one task, even before its record exists.
+
+    PostgreSQL: a transaction-scoped advisory lock on the task id. SQLite: every
+    transaction already begins IMMEDIATE, holding the database's write lock.
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:task_id, 0))"),
+            {"task_id": task_id},
+        )
+
+
 async def record_new_task(conn: AsyncConnection, task: NewTask, publisher_id: str) -> None:
     await conn.execute(
         _insert_ignoring_duplicates(
@@ -61,13 +74,8 @@ async def record_outcome(
     conn: AsyncConnection, outcome: CompletedTask
 ) -> list[dict[str, str]] | None:
     """Store a task's outcome once; returns the watchers to tell, or None if already final."""
-    row = (
-        await conn.execute(
-            select(tasks.c.status).where(tasks.c.task_id == outcome.task_id).with_for_update()
-        )
-    ).first()
-    if row is None:
-        await conn.execute(
+    await _lock_task(conn, outcome.task_id)
+    await conn.execute(
             _insert_ignoring_duplicates(
                 conn,
                 tasks,
@@ -80,11 +88,9 @@ async def record_outcome(
                 created_at=now(),
             )
         )
-    elif row.status in FINAL_STATUSES:
-        return None
-    await conn.execute(
+    stored = await conn.execute(
         update(tasks)
-        .where(tasks.c.task_id == outcome.task_id)
+        .where(tasks.c.task_id == outcome.task_id, tasks.c.status.not_in(FINAL_STATUSES))
         .values(
             status=outcome.status,
             result=outcome.result,
@@ -93,6 +99,8 @@ async def record_outcome(
             finished_at=now(),
         )
     )
+    if stored.rowcount == 0:
+        return None
     waiting = (
         await conn.execute(select(watchers).where(watchers.c.task_id == outcome.task_id))
     ).all()
@@ -216,9 +224,8 @@ async def watch_task(
     conn: AsyncConnection, task_id: str, reply_to: str, request_id: str
 ) -> dict[str, Any] | None:
     """The task if it has finished; otherwise remember to tell reply_to when it does."""
-    row = (
-        await conn.execute(select(tasks).where(tasks.c.task_id == task_id).with_for_update())
-    ).first()
+    await _lock_task(conn, task_id)
+    row = (await conn.execute(select(tasks).where(tasks.c.task_id == task_id))).first()
     if row is not None and row.status in FINAL_STATUSES:
         return task_view(row)
     await conn.execute(

@@ -1,0 +1,55 @@
+"""`conveyor up` on a clean directory: embedded broker, every part, a task, then Ctrl-C."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
+
+
+def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_BROKER_URL"}
+    env["CONVEYOR_NAMESPACE"] = f"up{uuid.uuid4().hex[:8]}"
+    up = subprocess.Popen([sys.executable, "-m", "conveyor", "up"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not any(line.startswith("running") for line in lines):
+            assert time.monotonic() < deadline, "conveyor up did not start:\n" + "".join(lines)
+            time.sleep(0.1)
+        found = re.search(r"(kafka://127\.0\.0\.1:\d+)", "".join(lines))
+        assert found, "conveyor up did not print its broker's address"
+        url = found.group(1)
+        children = [int(p) for p in subprocess.run(
+            ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
+        assert len(children) >= 5  # broker, control plane, orchestrator, echo, slow
+
+        published = subprocess.run(
+            [sys.executable, "-m", "conveyor", "publish", "echo", "--input",
+             '{"message": "hello"}', "--wait", "--timeout", "90"],
+            env={**env, "CONVEYOR_BROKER_URL": url}, capture_output=True, text=True,
+            timeout=120,
+        )
+        assert published.returncode == 0, published.stderr
+        assert '"message": "hello"' in published.stdout
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+        assert [pid for pid in children if _alive(pid)] == []
+    finally:
+        if up.poll() is None:
+            up.kill()
