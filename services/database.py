@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     event,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -24,6 +25,23 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from .settings import ConfigurationError
 
 metadata = MetaData()
+
+
+class UTCDateTime(TypeDecorator):
+    """A moment stored and read back in UTC, on SQLite (which keeps no offset) as elsewhere."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None:
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
 
 
 def now() -> datetime:
@@ -45,9 +63,9 @@ tasks = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("reply_to", String(300)),
     Column("stream", Boolean, nullable=False, default=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True)),
-    Column("finished_at", DateTime(timezone=True)),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime()),
+    Column("finished_at", UTCDateTime()),
 )
 
 events = Table(
@@ -56,7 +74,7 @@ events = Table(
     Column("task_id", String(200), primary_key=True),
     Column("idx", Integer, primary_key=True, autoincrement=False),
     Column("event", JSON, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
 )
 
 watchers = Table(
@@ -72,8 +90,8 @@ services = Table(
     metadata,
     Column("name", String(100), primary_key=True),
     Column("workflow", String(300)),
-    Column("registered_at", DateTime(timezone=True), nullable=False),
-    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("registered_at", UTCDateTime(), nullable=False),
+    Column("last_seen", UTCDateTime(), nullable=False),
 )
 
 instances = Table(
@@ -83,8 +101,8 @@ instances = Table(
     Column("service", String(100), nullable=False, index=True),
     Column("host", String(200)),
     Column("pid", Integer),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("last_heartbeat", DateTime(timezone=True), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("last_heartbeat", UTCDateTime(), nullable=False),
     Column("running", Integer, nullable=False, default=0),
     Column("stopped", Boolean, nullable=False, default=False),
 )
@@ -100,7 +118,7 @@ dead_letters = Table(
     Column("body", Text),
     Column("publisher_id", String(200)),
     Column("task_id", String(200)),
-    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False),
 )
 
 dispatches = Table(
@@ -110,7 +128,7 @@ dispatches = Table(
     Column("service", String(100), nullable=False, index=True),
     Column("attempt", Integer, nullable=False),
     Column("finished", Boolean, nullable=False, default=False),
-    Column("dispatched_at", DateTime(timezone=True), nullable=False),
+    Column("dispatched_at", UTCDateTime(), nullable=False),
 )
 
 

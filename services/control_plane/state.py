@@ -256,8 +256,6 @@ async def list_services(conn: AsyncConnection, heartbeat_timeout: float) -> list
         if row.service not in found:
             continue
         last = row.last_heartbeat
-        if last.tzinfo is None:
-            last = last.replace(tzinfo=alive_after.tzinfo)
         found[row.service]["instances"].append(
             {
                 "instance_id": row.instance_id,

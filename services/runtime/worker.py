@@ -79,5 +79,5 @@ async def run_task(
                 await on_event(envelope(event))
         return jsonable(await handler)
     finally:
-        if not handler.done():
+        if not handler.is_done():
             await handler.cancel_run()

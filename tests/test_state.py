@@ -1,0 +1,609 @@
+"""The control plane's and orchestrator's state functions against real SQLite and PostgreSQL.
+
+Every test runs twice: on a SQLite file of its own, and on a throwaway PostgreSQL database
+(created once per session at 127.0.0.1:5432 as user postgres, emptied before each test and
+dropped at the end). PostgreSQL being unreachable fails those tests; it never skips them.
+"""
+
+import asyncio
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+
+import asyncpg
+import pytest
+from sqlalchemy import func, select
+
+from conveyor.contracts import (
+    CompletedTask,
+    DeadLetter,
+    EventEnvelope,
+    Heartbeat,
+    NewTask,
+    Query,
+    RegisterService,
+    RunningTask,
+    TaskError,
+    TaskStream,
+)
+from conveyor.services import database
+from conveyor.services.control_plane import state
+from conveyor.services.orchestrator import state as orchestrator_state
+
+# Where the throwaway databases are created; an existing database to connect to first.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CONVEYOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def _in_thread(coroutine_function, *args):
+    """Run asyncpg outside the session's event loop (sync session fixtures can't await)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine_function(*args)).result()
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh database for this session, dropped afterwards."""
+    name = f"conveyor_test_{uuid.uuid4().hex[:12]}"
+    problem = None
+    try:
+        _in_thread(_admin, f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem:
+        pytest.fail(
+            f"PostgreSQL is not usable at {POSTGRES_ADMIN_URL} ({problem}); start it "
+            f"(trust auth, user postgres, database test) or point CONVEYOR_TEST_POSTGRES at one",
+            pytrace=False,
+        )
+    admin_base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{admin_base}/{name}"
+    _in_thread(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite"),
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ]
+)
+async def engine(request, tmp_path):
+    """An empty state store, with its tables, on the parametrized backend."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = await database.connect(url)
+    async with engine.begin() as conn:
+        for table in reversed(database.metadata.sorted_tables):
+            await conn.execute(table.delete())
+    yield engine
+    await engine.dispose()
+
+
+def new_task(task_id: str = "t1", **fields) -> NewTask:
+    values = {"task_id": task_id, "service": "echo", "input": {"text": "hi"}}
+    return NewTask(**(values | fields))
+
+
+def outcome(task_id: str = "t1", **fields) -> CompletedTask:
+    values = {"task_id": task_id, "service": "echo", "status": "completed",
+              "result": {"echo": "hi"}, "attempt": 1}
+    return CompletedTask(**(values | fields))
+
+
+def query(**fields) -> Query:
+    return Query(kind="list_tasks", reply_to="replies", **fields)
+
+
+async def count(engine, table, *where) -> int:
+    async with engine.begin() as conn:
+        statement = select(func.count()).select_from(table)
+        if where:
+            statement = statement.where(*where)
+        return (await conn.execute(statement)).scalar_one()
+
+
+async def get(engine, task_id: str) -> dict | None:
+    async with engine.begin() as conn:
+        return await state.get_task(conn, task_id)
+
+
+# Task records
+
+
+async def test_new_task_recorded_twice_keeps_one_queued_record(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(session_id="s1"), "client-a")
+    async with engine.begin() as conn:
+        # A redelivery, even one that differs, changes nothing.
+        await state.record_new_task(conn, new_task(input={"text": "other"}), "client-b")
+
+    assert await count(engine, database.tasks) == 1
+    task = await get(engine, "t1")
+    assert task["status"] == "queued"
+    assert task["attempts"] == 0
+    assert task["input"] == {"text": "hi"}
+    assert task["session_id"] == "s1"
+    assert task["publisher_id"] == "client-a"
+    assert task["result"] is None and task["error"] is None
+    assert task["created_at"] is not None
+    assert task["started_at"] is None and task["finished_at"] is None
+
+
+async def test_get_task_of_unknown_task_is_none(engine):
+    assert await get(engine, "never-sent") is None
+
+
+async def test_outcome_is_stored_once_and_a_second_outcome_changes_nothing(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "client")
+    async with engine.begin() as conn:
+        assert await state.record_outcome(conn, outcome(attempt=2)) == []
+    first = await get(engine, "t1")
+    assert first["status"] == "completed"
+    assert first["result"] == {"echo": "hi"}
+    assert first["error"] is None
+    assert first["attempts"] == 2
+    assert first["finished_at"] is not None
+
+    async with engine.begin() as conn:
+        again = await state.record_outcome(
+            conn,
+            outcome(status="failed", result=None, attempt=3,
+                    error=TaskError(type="Boom", message="late duplicate")),
+        )
+    assert again is None
+    assert await get(engine, "t1") == first
+
+
+async def test_failed_outcome_stores_its_error(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "client")
+        await state.record_outcome(
+            conn,
+            outcome(status="failed", result=None,
+                    error=TaskError(type="EchoFailed", message="asked to fail")),
+        )
+    task = await get(engine, "t1")
+    assert task["status"] == "failed"
+    assert task["result"] is None
+    assert task["error"] == {"type": "EchoFailed", "message": "asked to fail"}
+
+
+async def test_outcome_before_its_new_task_is_stored_and_not_overwritten(engine):
+    async with engine.begin() as conn:
+        assert await state.record_outcome(conn, outcome(session_id="s1")) == []
+    early = await get(engine, "t1")
+    assert early["status"] == "completed"
+    assert early["result"] == {"echo": "hi"}
+    assert early["service"] == "echo"
+    assert early["session_id"] == "s1"
+
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(session_id="s1"), "client")
+    assert await count(engine, database.tasks) == 1
+    late = await get(engine, "t1")
+    assert late["status"] == "completed"
+    assert late["result"] == {"echo": "hi"}
+    assert late["attempts"] == 1
+    assert late["finished_at"] == early["finished_at"]
+
+
+# Watchers
+
+
+async def test_watching_a_running_task_registers_a_watcher_told_once(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "client")
+        await state.record_heartbeat(
+            conn, Heartbeat(service="echo", instance_id="i1",
+                            running=[RunningTask(task_id="t1", attempt=1)])
+        )
+    async with engine.begin() as conn:
+        assert await state.watch_task(conn, "t1", "replies-a", "req-1") is None
+        # The same request again (a redelivered query) is remembered once.
+        assert await state.watch_task(conn, "t1", "replies-a", "req-1") is None
+        assert await state.watch_task(conn, "t1", "replies-b", "req-2") is None
+    assert await count(engine, database.watchers) == 2
+
+    async with engine.begin() as conn:
+        told = await state.record_outcome(conn, outcome())
+    assert sorted(told, key=lambda w: w["request_id"]) == [
+        {"reply_to": "replies-a", "request_id": "req-1"},
+        {"reply_to": "replies-b", "request_id": "req-2"},
+    ]
+    # Told once: the watchers are forgotten.
+    assert await count(engine, database.watchers) == 0
+    async with engine.begin() as conn:
+        assert await state.record_outcome(conn, outcome()) is None
+
+
+async def test_watching_a_finished_task_returns_its_record_at_once(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "client")
+        await state.record_outcome(conn, outcome())
+    async with engine.begin() as conn:
+        found = await state.watch_task(conn, "t1", "replies", "req-1")
+    assert found is not None
+    assert found["task_id"] == "t1"
+    assert found["status"] == "completed"
+    assert found["result"] == {"echo": "hi"}
+    assert found == await get(engine, "t1")
+    assert await count(engine, database.watchers) == 0
+
+
+async def test_watching_a_task_not_yet_recorded_waits_for_its_outcome(engine):
+    async with engine.begin() as conn:
+        assert await state.watch_task(conn, "t1", "replies", "req-1") is None
+    async with engine.begin() as conn:
+        told = await state.record_outcome(conn, outcome())
+    assert told == [{"reply_to": "replies", "request_id": "req-1"}]
+
+
+async def test_watchers_of_other_tasks_are_kept(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task("t1"), "client")
+        await state.record_new_task(conn, new_task("t2"), "client")
+        await state.watch_task(conn, "t1", "replies", "req-1")
+        await state.watch_task(conn, "t2", "replies", "req-2")
+    async with engine.begin() as conn:
+        assert await state.record_outcome(conn, outcome("t1")) == [
+            {"reply_to": "replies", "request_id": "req-1"}
+        ]
+    assert await count(engine, database.watchers, database.watchers.c.task_id == "t2") == 1
+
+
+# Event log
+
+
+def stream(index: int, value: dict, task_id: str = "t1") -> TaskStream:
+    return TaskStream(
+        task_id=task_id, index=index,
+        event=EventEnvelope(type="Progress", types=["Event"],
+                            qualified_name="app.Progress", value=value),
+    )
+
+
+async def test_an_event_appended_twice_with_the_same_index_keeps_one_row(engine):
+    async with engine.begin() as conn:
+        await state.append_event(conn, stream(0, {"step": 1}))
+    async with engine.begin() as conn:
+        await state.append_event(conn, stream(0, {"step": 999}))
+        await state.append_event(conn, stream(1, {"step": 2}))
+        await state.append_event(conn, stream(0, {"step": 1}, task_id="t2"))
+
+    assert await count(engine, database.events, database.events.c.task_id == "t1") == 2
+    async with engine.begin() as conn:
+        rows = (
+            await conn.execute(
+                select(database.events.c.idx, database.events.c.event)
+                .where(database.events.c.task_id == "t1")
+                .order_by(database.events.c.idx)
+            )
+        ).all()
+    assert [(row.idx, row.event["value"]) for row in rows] == [(0, {"step": 1}), (1, {"step": 2})]
+    assert rows[0].event == {
+        "type": "Progress", "types": ["Event"], "qualified_name": "app.Progress",
+        "value": {"step": 1},
+    }
+
+
+# Registry
+
+
+async def test_heartbeat_marks_a_listed_queued_task_running_and_registers_its_service(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task("t1"), "client")
+        await state.record_new_task(conn, new_task("t2"), "client")
+    async with engine.begin() as conn:
+        # No RegisterService came first (the control plane started after the service).
+        await state.record_heartbeat(
+            conn, Heartbeat(service="echo", instance_id="echo-1",
+                            running=[RunningTask(task_id="t1", attempt=2)])
+        )
+
+    running = await get(engine, "t1")
+    assert running["status"] == "running"
+    assert running["attempts"] == 2
+    assert running["started_at"] is not None
+    assert (await get(engine, "t2"))["status"] == "queued"
+
+    async with engine.begin() as conn:
+        listed = await state.list_services(conn, heartbeat_timeout=30)
+    assert [s["name"] for s in listed] == ["echo"]
+    [instance] = listed[0]["instances"]
+    assert instance["instance_id"] == "echo-1"
+    assert instance["running"] == 1
+    assert instance["alive"] is True
+
+
+async def test_heartbeat_does_not_reopen_a_finished_task(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "client")
+        await state.record_outcome(conn, outcome(attempt=1))
+    async with engine.begin() as conn:
+        # A heartbeat sent just before the task finished, delivered just after.
+        await state.record_heartbeat(
+            conn, Heartbeat(service="echo", instance_id="echo-1",
+                            running=[RunningTask(task_id="t1", attempt=1)])
+        )
+    task = await get(engine, "t1")
+    assert task["status"] == "completed"
+    assert task["started_at"] is None
+
+
+async def test_instance_alive_after_heartbeat_and_not_after_deregistration(engine):
+    async with engine.begin() as conn:
+        await state.record_registration(
+            conn, RegisterService(service="echo", instance_id="echo-1", host="h", pid=42,
+                                  workflow="conveyor.services.examples.echo:workflow")
+        )
+        await state.record_registration(
+            conn, RegisterService(service="echo", instance_id="echo-2", host="h", pid=43,
+                                  workflow="conveyor.services.examples.echo:workflow")
+        )
+    async with engine.begin() as conn:
+        await state.record_heartbeat(conn, Heartbeat(service="echo", instance_id="echo-1"))
+
+    async with engine.begin() as conn:
+        [service] = await state.list_services(conn, heartbeat_timeout=30)
+    # A heartbeat does not forget what the registration said.
+    assert service["workflow"] == "conveyor.services.examples.echo:workflow"
+    by_id = {i["instance_id"]: i for i in service["instances"]}
+    assert by_id["echo-1"]["alive"] is True
+    assert by_id["echo-1"]["host"] == "h" and by_id["echo-1"]["pid"] == 42
+    assert by_id["echo-2"]["alive"] is True
+
+    async with engine.begin() as conn:
+        await state.record_deregistration(conn, "echo-1")
+    async with engine.begin() as conn:
+        [service] = await state.list_services(conn, heartbeat_timeout=30)
+    by_id = {i["instance_id"]: i for i in service["instances"]}
+    assert by_id["echo-1"]["alive"] is False
+    assert by_id["echo-2"]["alive"] is True
+
+
+async def test_instance_silent_past_the_heartbeat_timeout_is_not_alive(engine):
+    async with engine.begin() as conn:
+        await state.record_heartbeat(conn, Heartbeat(service="echo", instance_id="echo-1"))
+    await asyncio.sleep(0.05)
+    async with engine.begin() as conn:
+        [service] = await state.list_services(conn, heartbeat_timeout=0.01)
+    assert service["instances"][0]["alive"] is False
+
+
+# Queries
+
+
+async def test_list_tasks_filters_by_service_status_and_session(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task("a1", service="alpha", session_id="s1"), "c")
+        await state.record_new_task(conn, new_task("a2", service="alpha", session_id="s2"), "c")
+        await state.record_new_task(conn, new_task("b1", service="beta", session_id="s1"), "c")
+        await state.record_new_task(conn, new_task("b2", service="beta"), "c")
+        await state.record_outcome(conn, outcome("a2", service="alpha", session_id="s2"))
+        await state.record_outcome(
+            conn, outcome("b1", service="beta", session_id="s1", status="failed", result=None)
+        )
+
+    async def ids(**filters) -> set[str]:
+        async with engine.begin() as conn:
+            return {t["task_id"] for t in await state.list_tasks(conn, query(**filters))}
+
+    assert await ids() == {"a1", "a2", "b1", "b2"}
+    assert await ids(service="alpha") == {"a1", "a2"}
+    assert await ids(service="beta") == {"b1", "b2"}
+    assert await ids(service="gamma") == set()
+    assert await ids(status="queued") == {"a1", "b2"}
+    assert await ids(status="completed") == {"a2"}
+    assert await ids(status="failed") == {"b1"}
+    assert await ids(session_id="s1") == {"a1", "b1"}
+    assert await ids(session_id="s2") == {"a2"}
+    assert await ids(service="alpha", status="queued") == {"a1"}
+    assert await ids(service="beta", session_id="s1", status="failed") == {"b1"}
+    assert await ids(service="beta", session_id="s2") == set()
+    async with engine.begin() as conn:
+        assert len(await state.list_tasks(conn, query(limit=3))) == 3
+
+
+async def test_dead_letters_are_listed_newest_first(engine):
+    received = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    async with engine.begin() as conn:
+        await state.record_dead_letter(
+            conn, DeadLetter(reason="malformed JSON", error_type="InvalidMessage",
+                             topic="conveyor.control_plane", body="{not json",
+                             publisher_id="client", received_at=received)
+        )
+    async with engine.begin() as conn:
+        await state.record_dead_letter(
+            conn, DeadLetter(reason="no service named 'nope'", error_type="UnknownService",
+                             topic="conveyor.control_plane", body='{"a": 1}',
+                             message_id="m2", task_id="t2")
+        )
+        await state.record_dead_letter(
+            conn, DeadLetter(reason="third", error_type="InvalidMessage", topic="x", body="")
+        )
+
+    async with engine.begin() as conn:
+        letters = await state.list_dead_letters(conn, limit=10)
+    assert [letter["reason"] for letter in letters] == [
+        "third", "no service named 'nope'", "malformed JSON"
+    ]
+    oldest = letters[-1]
+    assert oldest["error_type"] == "InvalidMessage"
+    assert oldest["topic"] == "conveyor.control_plane"
+    assert oldest["body"] == "{not json"
+    assert oldest["publisher_id"] == "client"
+    assert oldest["message_id"] is None and oldest["task_id"] is None
+    assert oldest["received_at"].startswith("2025-01-02T03:04:05")
+    middle = letters[1]
+    assert (middle["message_id"], middle["task_id"]) == ("m2", "t2")
+    # Without a receipt time the store stamps one.
+    stamped = datetime.fromisoformat(middle["received_at"])
+    stamped = stamped if stamped.tzinfo else stamped.replace(tzinfo=UTC)
+    assert abs(datetime.now(UTC) - stamped) < timedelta(minutes=1)
+
+    async with engine.begin() as conn:
+        assert [x["reason"] for x in await state.list_dead_letters(conn, limit=1)] == ["third"]
+
+
+async def test_a_dead_letter_keeps_the_instant_it_was_received(engine):
+    # DeadLetter is part of the wire contract: other systems may stamp it in their own zone.
+    received = datetime(2025, 1, 2, 5, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+    async with engine.begin() as conn:
+        await state.record_dead_letter(
+            conn, DeadLetter(reason="r", error_type="InvalidMessage", topic="t", body="",
+                             received_at=received)
+        )
+    async with engine.begin() as conn:
+        [letter] = await state.list_dead_letters(conn, limit=1)
+    assert datetime.fromisoformat(letter["received_at"]) == received
+
+
+# The orchestrator's dispatches
+
+
+async def test_claim_first_dispatch_once_per_task(engine):
+    async with engine.begin() as conn:
+        assert await orchestrator_state.claim_first_dispatch(conn, "t1", "echo") is True
+    async with engine.begin() as conn:
+        assert await orchestrator_state.claim_first_dispatch(conn, "t1", "echo") is False
+        assert await orchestrator_state.claim_first_dispatch(conn, "t2", "echo") is True
+    async with engine.begin() as conn:
+        row = (
+            await conn.execute(
+                select(database.dispatches).where(database.dispatches.c.task_id == "t1")
+            )
+        ).one()
+    assert (row.service, row.attempt, row.finished) == ("echo", 1, False)
+
+
+async def test_a_claim_rolled_back_can_be_claimed_again(engine):
+    class PublishFailed(Exception):
+        pass
+
+    # The orchestrator publishes inside the claim's transaction; a failed publish undoes it.
+    with pytest.raises(PublishFailed):
+        async with engine.begin() as conn:
+            assert await orchestrator_state.claim_first_dispatch(conn, "t1", "echo") is True
+            raise PublishFailed
+    async with engine.begin() as conn:
+        assert await orchestrator_state.claim_first_dispatch(conn, "t1", "echo") is True
+
+
+async def test_mark_finished_and_known_services(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await orchestrator_state.mark_finished(conn, "t1")
+        await state.record_registration(conn, RegisterService(service="echo", instance_id="i1"))
+        await state.record_heartbeat(conn, Heartbeat(service="slow", instance_id="i2"))
+    async with engine.begin() as conn:
+        finished = (
+            await conn.execute(select(database.dispatches.c.finished))
+        ).scalar_one()
+        assert finished is True
+        assert await orchestrator_state.known_services(conn) == {"echo", "slow"}
+
+
+# Concurrent deliveries (two control-plane replicas, or a query beside the recorder)
+
+
+async def _while_held(engine, first, second):
+    """Run `first` in a transaction left open, start `second` in another, then commit first.
+
+    `second` gets time to read before `first` commits, as it would when two messages are
+    handled at the same moment.
+    """
+    async with engine.connect() as holder:
+        await holder.begin()
+        first_result = await first(holder)
+
+        async def other():
+            async with engine.begin() as conn:
+                return await second(conn)
+
+        racing = asyncio.create_task(other())
+        await asyncio.sleep(0.5)
+        await holder.commit()
+    return first_result, await asyncio.wait_for(racing, 30)
+
+
+async def test_concurrent_duplicate_outcomes_leave_the_first_standing(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "client")
+
+    first, second = await _while_held(
+        engine,
+        lambda conn: state.record_outcome(conn, outcome()),
+        lambda conn: state.record_outcome(
+            conn, outcome(status="failed", result=None,
+                          error=TaskError(type="Boom", message="duplicate"))
+        ),
+    )
+    task = await get(engine, "t1")
+    assert (task["status"], task["result"]) == ("completed", {"echo": "hi"})
+    assert first == []
+    assert second is None
+
+
+async def test_concurrent_duplicate_outcomes_before_new_task_leave_the_first_standing(engine):
+    first, second = await _while_held(
+        engine,
+        lambda conn: state.record_outcome(conn, outcome()),
+        lambda conn: state.record_outcome(
+            conn, outcome(status="failed", result=None,
+                          error=TaskError(type="Boom", message="duplicate"))
+        ),
+    )
+    task = await get(engine, "t1")
+    assert (task["status"], task["result"]) == ("completed", {"echo": "hi"})
+    assert first == []
+    assert second is None
+
+
+async def test_a_watch_racing_the_outcome_is_answered(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "client")
+
+    told, found = await _while_held(
+        engine,
+        lambda conn: state.record_outcome(conn, outcome()),
+        lambda conn: state.watch_task(conn, "t1", "replies", "req-1"),
+    )
+    # Either the watch sees the outcome, or the outcome sees the watcher: never neither.
+    answered = found is not None or {"reply_to": "replies", "request_id": "req-1"} in told
+    assert answered, "the watcher was stored after the outcome and will never be told"
+
+
+async def test_a_watch_racing_the_outcome_of_a_task_not_yet_recorded_is_answered(engine):
+    told, found = await _while_held(
+        engine,
+        lambda conn: state.record_outcome(conn, outcome()),
+        lambda conn: state.watch_task(conn, "t1", "replies", "req-1"),
+    )
+    answered = found is not None or {"reply_to": "replies", "request_id": "req-1"} in told
+    assert answered, "the watcher was stored after the outcome and will never be told"
+
+
+async def test_an_outcome_racing_a_watch_tells_the_watcher(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "client")
+
+    found, told = await _while_held(
+        engine,
+        lambda conn: state.watch_task(conn, "t1", "replies", "req-1"),
+        lambda conn: state.record_outcome(conn, outcome()),
+    )
+    assert found is None
+    assert told == [{"reply_to": "replies", "request_id": "req-1"}]
