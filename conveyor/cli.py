@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Annotated, Any
 
 import typer
@@ -23,6 +24,9 @@ errors = Console(stderr=True, soft_wrap=True)
 
 
 def fail(reason: object) -> None:
+    # Clients that never connected are reported again as "unclosed" when collected at exit;
+    # the reason below says all there is to say.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     errors.print(f"conveyor: {reason}", markup=False, highlight=False)
     raise typer.Exit(1)
 
@@ -44,8 +48,18 @@ def _serve(make_app: Callable[[], Any]) -> None:
         faststream_app = make_app()
     except (ConfigurationError, InvalidName, ImportError) as exc:
         fail(exc)
+    async def run() -> None:
+        try:
+            await faststream_app.run()
+        except Exception:
+            # A part that failed to start still closes what it opened, so that the
+            # reason stays the last line printed.
+            with suppress(Exception):
+                await faststream_app.broker.stop()
+            raise
+
     try:
-        _run_loop(faststream_app.run())
+        _run_loop(run())
     except (ConfigurationError, InvalidName) as exc:
         fail(exc)
     except KeyboardInterrupt:

@@ -27,6 +27,7 @@ class Deployment:
     workdir: Path
     namespace: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    via_faststream: bool = False  # start the parts with `faststream run MODULE:app`
 
     @property
     def env(self) -> dict[str, str]:
@@ -40,6 +41,11 @@ class Deployment:
         }
 
     def command(self, part: str) -> list[str]:
+        if self.via_faststream:
+            module = {"control-plane": "control_plane", "orchestrator": "orchestrator"}
+            target = module.get(part, "runtime")
+            return [sys.executable, "-m", "faststream", "run",
+                    f"conveyor.services.{target}.app:app"]
         if part in SERVICES:
             return [sys.executable, "-m", "conveyor", "serve", SERVICES[part], "--name", part]
         return [sys.executable, "-m", "conveyor", part]
@@ -47,8 +53,11 @@ class Deployment:
     def start(self, *parts: str) -> None:
         for part in parts:
             log = open(self.workdir / f"{part}.log", "ab")
+            env = self.env
+            if part in SERVICES:
+                env |= {"CONVEYOR_SERVICE_NAME": part, "CONVEYOR_WORKFLOW": SERVICES[part]}
             self.processes[part] = subprocess.Popen(
-                self.command(part), env=self.env, cwd=self.workdir, stdout=log,
+                self.command(part), env=env, cwd=self.workdir, stdout=log,
                 stderr=subprocess.STDOUT,
             )
 

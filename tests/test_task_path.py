@@ -131,3 +131,19 @@ async def test_many_tasks_in_flight_all_complete(deployment):
         ids = [await client.run_nowait("echo", n=n) for n in range(100)]
         outcomes = await asyncio.gather(*(client.wait(i, timeout=60) for i in ids))
     assert [o.result for o in outcomes] == [{"echo": {"n": n}} for n in range(100)]
+
+
+async def test_parts_run_under_faststream_run_too(broker_url, tmp_path):
+    from .deployment import Deployment
+
+    deployment = Deployment(broker_url, tmp_path)
+    deployment.via_faststream = True
+    deployment.start("control-plane", "orchestrator", "echo")
+    try:
+        await deployment.ready("echo")
+        async with deployment.client() as client:
+            assert await client.run("echo", timeout=30, via="faststream") == {
+                "echo": {"via": "faststream"}
+            }
+    finally:
+        deployment.stop()
