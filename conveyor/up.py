@@ -4,6 +4,7 @@ Starts the embedded Kafka-compatible broker when CONVEYOR_BROKER_URL is unset, t
 control plane, the orchestrator and the workflow services; Ctrl-C stops every one of them.
 """
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from rich.console import Console
 
 from conveyor import embedded_broker
+from conveyor.client import Client
 from conveyor.services.settings import load
 
 EXAMPLES = [
@@ -19,8 +21,9 @@ EXAMPLES = [
     "slow=conveyor.services.examples.slow:workflow",
 ]
 GRACE_SECONDS = 15
+READY_SECONDS = 120
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _conveyor(*args: str) -> list[str]:
@@ -46,6 +49,8 @@ def run_everything(services: list[str]) -> int:
     try:
         for name, command in commands.items():
             children[name] = subprocess.Popen(command, env=env)
+        services_up = [name for name in commands if name not in ("control-plane", "orchestrator")]
+        asyncio.run(_until_registered(url, settings.namespace, services_up))
         console.print(f"running {', '.join(children)} on {url} (state: {settings.state_url})")
         console.print("publish a task from another shell with:\n"
                       f"  CONVEYOR_BROKER_URL={url} conveyor publish echo "
@@ -59,8 +64,23 @@ def run_everything(services: list[str]) -> int:
     except KeyboardInterrupt:
         console.print("stopping")
         return 0
+    except TimeoutError:
+        console.print(f"[red]the services did not register within {READY_SECONDS} s[/]; "
+                      "stopping everything")
+        return 1
     finally:
         _stop(list(children.values()) + ([broker] if broker else []))
+
+
+async def _until_registered(url: str, namespace: str, names: list[str]) -> None:
+    """Return once every service has a live instance, so the first task finds it."""
+    async with Client(url, namespace) as client, asyncio.timeout(READY_SECONDS):
+        while True:
+            found = await client.list_services()
+            alive = {s["name"] for s in found if any(i["alive"] for i in s["instances"])}
+            if set(names) <= alive:
+                return
+            await asyncio.sleep(0.2)  # noqa: ASYNC110 (start-up only: registrations land in the database)
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:

@@ -9,6 +9,8 @@ import threading
 import time
 import uuid
 
+import pytest
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -19,8 +21,11 @@ def _alive(pid: int) -> bool:
         return stat.read().split()[2] != "Z"
 
 
-def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(tmp_path):
+@pytest.mark.parametrize("broker", ["embedded", "rabbit"])
+def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(broker, request, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_BROKER_URL"}
+    if broker == "rabbit":
+        env["CONVEYOR_BROKER_URL"] = request.getfixturevalue("rabbit_url")
     env["CONVEYOR_NAMESPACE"] = f"up{uuid.uuid4().hex[:8]}"
     up = subprocess.Popen([sys.executable, "-m", "conveyor", "up"], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -31,12 +36,13 @@ def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(tmp_path):
         while not any(line.startswith("running") for line in lines):
             assert time.monotonic() < deadline, "conveyor up did not start:\n" + "".join(lines)
             time.sleep(0.1)
-        found = re.search(r"(kafka://127\.0\.0\.1:\d+)", "".join(lines))
+        found = re.search(r" on ((?:kafka|amqp)://\S+)", "".join(lines))
         assert found, "conveyor up did not print its broker's address"
         url = found.group(1)
         children = [int(p) for p in subprocess.run(
             ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
-        assert len(children) >= 5  # broker, control plane, orchestrator, echo, slow
+        # control plane, orchestrator, echo, slow; and the embedded broker when it runs one
+        assert len(children) == (5 if broker == "embedded" else 4)
 
         published = subprocess.run(
             [sys.executable, "-m", "conveyor", "publish", "echo", "--input",
