@@ -539,25 +539,12 @@ async def _while_held(engine, first, second):
     return first_result, await asyncio.wait_for(racing, 30)
 
 
-async def test_concurrent_duplicate_outcomes_leave_the_first_standing(engine):
-    async with engine.begin() as conn:
-        await state.record_new_task(conn, new_task(), "client")
+@pytest.mark.parametrize("recorded_first", [True, False], ids=["recorded", "not-yet-recorded"])
+async def test_concurrent_duplicate_outcomes_leave_the_first_standing(engine, recorded_first):
+    if recorded_first:
+        async with engine.begin() as conn:
+            await state.record_new_task(conn, new_task(), "client")
 
-    first, second = await _while_held(
-        engine,
-        lambda conn: state.record_outcome(conn, outcome()),
-        lambda conn: state.record_outcome(
-            conn, outcome(status="failed", result=None,
-                          error=TaskError(type="Boom", message="duplicate"))
-        ),
-    )
-    task = await get(engine, "t1")
-    assert (task["status"], task["result"]) == ("completed", {"echo": "hi"})
-    assert first == []
-    assert second is None
-
-
-async def test_concurrent_duplicate_outcomes_before_new_task_leave_the_first_standing(engine):
     first, second = await _while_held(
         engine,
         lambda conn: state.record_outcome(conn, outcome()),
