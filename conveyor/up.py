@@ -5,6 +5,7 @@ control plane, the orchestrator and the workflow services; Ctrl-C stops every on
 """
 
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
@@ -22,8 +23,19 @@ EXAMPLES = [
 ]
 GRACE_SECONDS = 15
 READY_SECONDS = 120
+PR_SET_PDEATHSIG = 1
 
 console = Console(soft_wrap=True)
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: on Linux, be sent SIGTERM if `conveyor up` itself dies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _conveyor(*args: str) -> list[str]:
@@ -32,12 +44,13 @@ def _conveyor(*args: str) -> list[str]:
 
 def run_everything(services: list[str]) -> int:
     settings = load()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops everything, as Ctrl-C does
     children: dict[str, subprocess.Popen] = {}
     env = dict(os.environ)
     broker = None
     if not settings.broker_url:
         port = 9092 if not embedded_broker.port_open(9092) else embedded_broker.free_port()
-        broker, url = embedded_broker.start(port)
+        broker, url = embedded_broker.start(port, preexec_fn=_die_with_parent)
         env["CONVEYOR_BROKER_URL"] = url
         console.print(f"embedded Kafka-compatible broker (tansu, in memory) at [bold]{url}[/]")
     url = env["CONVEYOR_BROKER_URL"]
@@ -48,7 +61,7 @@ def run_everything(services: list[str]) -> int:
         commands[name] = _conveyor("serve", workflow, "--name", name)
     try:
         for name, command in commands.items():
-            children[name] = subprocess.Popen(command, env=env)
+            children[name] = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
         services_up = [name for name in commands if name not in ("control-plane", "orchestrator")]
         asyncio.run(_until_registered(url, settings.namespace, services_up))
         console.print(f"running {', '.join(children)} on {url} (state: {settings.state_url})")

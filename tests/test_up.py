@@ -59,3 +59,23 @@ def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(broker, request, t
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_children_die_with_conveyor_up_even_on_kill9(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_BROKER_URL"}
+    env["CONVEYOR_NAMESPACE"] = f"up{uuid.uuid4().hex[:8]}"
+    up = subprocess.Popen([sys.executable, "-m", "conveyor", "up"], cwd=tmp_path, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    children: list[int] = []
+    while len(children) < 5 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        children = [int(p) for p in subprocess.run(
+            ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
+    assert len(children) == 5
+    up.kill()
+    up.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [pid for pid in children if _alive(pid)] == []
