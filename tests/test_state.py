@@ -559,9 +559,11 @@ async def test_concurrent_duplicate_outcomes_leave_the_first_standing(engine, re
     assert second is None
 
 
-async def test_a_watch_racing_the_outcome_is_answered(engine):
-    async with engine.begin() as conn:
-        await state.record_new_task(conn, new_task(), "client")
+@pytest.mark.parametrize("recorded_first", [True, False], ids=["recorded", "not-yet-recorded"])
+async def test_a_watch_racing_the_outcome_is_answered(engine, recorded_first):
+    if recorded_first:
+        async with engine.begin() as conn:
+            await state.record_new_task(conn, new_task(), "client")
 
     told, found = await _while_held(
         engine,
@@ -569,16 +571,6 @@ async def test_a_watch_racing_the_outcome_is_answered(engine):
         lambda conn: state.watch_task(conn, "t1", "replies", "req-1"),
     )
     # Either the watch sees the outcome, or the outcome sees the watcher: never neither.
-    answered = found is not None or {"reply_to": "replies", "request_id": "req-1"} in told
-    assert answered, "the watcher was stored after the outcome and will never be told"
-
-
-async def test_a_watch_racing_the_outcome_of_a_task_not_yet_recorded_is_answered(engine):
-    told, found = await _while_held(
-        engine,
-        lambda conn: state.record_outcome(conn, outcome()),
-        lambda conn: state.watch_task(conn, "t1", "replies", "req-1"),
-    )
     answered = found is not None or {"reply_to": "replies", "request_id": "req-1"} in told
     assert answered, "the watcher was stored after the outcome and will never be told"
 
