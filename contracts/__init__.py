@@ -40,7 +40,7 @@ from .messages import (
     new_id,
     parse_message,
 )
-from .topics import InvalidName, check_name, reply_topic, service_topic, topic
+from .topics import InvalidName, broadcast_topic, check_name, reply_topic, service_topic, topic
 
 __all__ = [
     "FINAL_STATUSES",
@@ -83,6 +83,7 @@ __all__ = [
     "encode",
     "new_id",
     "parse_message",
+    "broadcast_topic",
     "reply_topic",
     "service_topic",
     "topic",

@@ -91,10 +91,21 @@ class TaskStream(Payload):
 
 
 class SendEvent(Payload):
-    """An event sent into a running task (human-in-the-loop)."""
+    """An event sent into a running task (human-in-the-loop).
 
-    task_id: str
+    The control plane checks the event's type against those the task's service accepts,
+    keeps it in the task's inbox (so it reaches the task even between attempts) and passes
+    it to the service's instances; the answer goes to reply_to as a query_result whose
+    request_id is this message's id.
+    """
+
+    task_id: str = Field(min_length=1)
     event: EventEnvelope
+    step: str | None = Field(default=None, description="the step to send it to; any by default")
+    reply_to: str | None = None
+    seq: int | None = Field(
+        default=None, ge=1, description="the inbox position, set by the control plane"
+    )
 
 
 class TaskError(BaseModel):
@@ -113,6 +124,7 @@ class CompletedTask(Payload):
     error: TaskError | None = None
     attempt: int = 0
     reply_to: str | None = None
+    events: int = Field(default=0, ge=0, description="how many events the task streamed")
 
 
 # Service registry
@@ -124,6 +136,10 @@ class RegisterService(Payload):
     host: str = ""
     pid: int = 0
     workflow: str = Field(default="", description="MODULE:ATTR of the workflow it runs")
+    event_types: list[str] = Field(
+        default_factory=list,
+        description="qualified names of the event types send_event may deliver to its tasks",
+    )
 
 
 class RunningTask(BaseModel):
@@ -145,7 +161,19 @@ class DeregisterService(Payload):
 # Queries answered by the control plane over the broker
 
 
-QueryKind = Literal["get_task", "list_tasks", "list_services", "list_dead_letters", "watch_task"]
+QueryKind = Literal[
+    "get_task",
+    "list_tasks",
+    "list_services",
+    "list_dead_letters",
+    "watch_task",
+    "stream_task",
+    "create_session",
+    "get_session",
+    "list_sessions",
+    "delete_session",
+    "set_session_state",
+]
 
 
 class Query(Payload):
@@ -156,6 +184,12 @@ class Query(Payload):
     status: TaskStatus | None = None
     session_id: str | None = None
     limit: int = Field(default=100, ge=1, le=10_000)
+    after: int = Field(
+        default=-1, ge=-1, description="stream_task: replay the events after this index"
+    )
+    state: dict[str, Any] | None = Field(
+        default=None, description="set_session_state: the session's new state"
+    )
 
 
 class QueryResult(Payload):

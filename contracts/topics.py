@@ -44,3 +44,8 @@ def service_topic(namespace: str, service: str) -> str:
 def reply_topic(namespace: str, client_id: str) -> str:
     """A client's private reply topic: outcomes and query answers for it arrive here."""
     return topic(namespace, f"{REPLY}.{client_id}")
+
+
+def broadcast_topic(namespace: str, service: str) -> str:
+    """The topic every instance of a service hears: events sent into its tasks."""
+    return f"{service_topic(namespace, service)}.broadcast"

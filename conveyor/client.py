@@ -9,19 +9,26 @@ import os
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from pydantic import BaseModel
+from workflows.events import Event
 
 from conveyor.contracts import (
     CompletedTaskMessage,
+    EventEnvelope,
     InvalidMessage,
     NewTask,
     NewTaskMessage,
     Query,
     QueryMessage,
     QueryResultMessage,
+    SendEvent,
+    SendEventMessage,
     TaskError,
+    TaskStream,
+    TaskStreamMessage,
     new_id,
     parse_message,
     reply_topic,
@@ -29,6 +36,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY
 from conveyor.services.bus import create_broker, declare_system_queues, publish, subscribe
+from conveyor.services.runtime.worker import envelope
 from conveyor.services.settings import Settings, load
 
 KEPT_OUTCOMES = 10_000
@@ -62,6 +70,40 @@ class QueryFailed(RuntimeError):
     """The control plane could not answer a query."""
 
 
+class _Follower:
+    """One stream() call: puts the task's events in index order and knows when they end."""
+
+    def __init__(self, after: int) -> None:
+        self.next_index = after + 1
+        self.end: int | None = None
+        self.buffer: dict[int, TaskStream] = {}
+        self.changed = asyncio.Event()
+
+    def add(self, event: TaskStream) -> None:
+        if event.index >= self.next_index:
+            self.buffer[event.index] = event
+            self.changed.set()
+
+    def finish(self, events: int) -> None:
+        self.end = events
+        self.changed.set()
+
+    def missing(self) -> bool:
+        """The end is known but an event before it never came (a live send was lost)."""
+        return self.end is not None and self.next_index < self.end and not self.buffer_ready()
+
+    def buffer_ready(self) -> bool:
+        return self.next_index in self.buffer
+
+    def take(self) -> TaskStream:
+        event = self.buffer.pop(self.next_index)
+        self.next_index += 1
+        return event
+
+    def done(self) -> bool:
+        return self.end is not None and self.next_index >= self.end
+
+
 class Client:
     """Async client: `async with Client(broker_url=..., namespace=...) as client:`."""
 
@@ -83,6 +125,7 @@ class Client:
         self._waiting: dict[str, asyncio.Future] = {}
         self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()
         self._answers: dict[str, asyncio.Future] = {}
+        self._followers: dict[str, list[_Follower]] = {}
         subscribe(self._broker, self.settings, self._reply_to, None)(self._on_reply)
 
     async def __aenter__(self) -> "Client":
@@ -105,7 +148,12 @@ class Client:
         except InvalidMessage:
             return
         match message:
+            case TaskStreamMessage(data=event):
+                for follower in self._followers.get(event.task_id, ()):
+                    follower.add(event)
             case CompletedTaskMessage(data=done):
+                for follower in self._followers.get(done.task_id, ()):
+                    follower.finish(done.events)
                 outcome = TaskOutcome.model_validate(done.model_dump())
                 self._outcomes[outcome.task_id] = outcome
                 while len(self._outcomes) > KEPT_OUTCOMES:
@@ -126,12 +174,13 @@ class Client:
         *,
         session_id: str | None = None,
         task_id: str | None = None,
+        parent_task_id: str | None = None,
         **input: Any,
     ) -> str:
         """Publish a NEW_TASK and return its task id."""
         task = NewTask(
             service=service, session_id=session_id, input=input, reply_to=self._reply_to,
-            **({"task_id": task_id} if task_id else {}),
+            parent_task_id=parent_task_id, **({"task_id": task_id} if task_id else {}),
         )
         self._waiting.setdefault(task.task_id, asyncio.get_running_loop().create_future())
         message = NewTaskMessage(type=CONTROL_PLANE, publisher_id=self.publisher_id, data=task)
@@ -173,6 +222,82 @@ class Client:
             raise TaskFailed(outcome)
         return outcome.result
 
+    async def stream(self, task_id: str, after: int = -1) -> AsyncIterator[TaskStream]:
+        """The events a task streams, in order, from index `after + 1` until it ends.
+
+        Events already stored are replayed from the control plane's durable log, so a late
+        or reconnecting reader misses nothing; each has its gap-free `index`.
+        """
+        follower = _Follower(after)
+        self._followers.setdefault(task_id, []).append(follower)
+        asked_after = None
+        try:
+            await self._ask(self._stream_query(task_id, after))
+            while True:
+                if follower.buffer_ready():
+                    yield follower.take()
+                    continue
+                if follower.done():
+                    return
+                if follower.missing() and asked_after != follower.next_index - 1:
+                    asked_after = follower.next_index - 1
+                    await self._ask(self._stream_query(task_id, asked_after))
+                    continue
+                follower.changed.clear()
+                await follower.changed.wait()
+        finally:
+            self._followers[task_id].remove(follower)
+            if not self._followers[task_id]:
+                del self._followers[task_id]
+
+    def _stream_query(self, task_id: str, after: int) -> Query:
+        return Query(kind="stream_task", task_id=task_id, after=after, reply_to=self._reply_to)
+
+    async def send_event(
+        self, task_id: str, event: Event | EventEnvelope | dict[str, Any], *,
+        step: str | None = None,
+    ) -> int:
+        """Send an event into a running task (human-in-the-loop); returns its inbox position.
+
+        `event` is a workflows Event, or its envelope {"type", "qualified_name", "value"}.
+        Raises QueryFailed when the task has ended or its workflow does not take that type.
+        """
+        if isinstance(event, Event):
+            event = envelope(event)
+        sent = SendEvent(task_id=task_id, event=EventEnvelope.model_validate(event), step=step,
+                         reply_to=self._reply_to)
+        message = SendEventMessage(type=CONTROL_PLANE, publisher_id=self.publisher_id, data=sent)
+        answer = await self._request(message, topic(self.settings.namespace, CONTROL_PLANE),
+                                     "send_event", key=task_id)
+        return answer["seq"]
+
+    # Sessions: tasks run in one session share their workflow's Context state
+
+    async def create_session(self, session_id: str | None = None) -> dict[str, Any]:
+        return await self._ask(Query(kind="create_session", session_id=session_id,
+                                     reply_to=self._reply_to))
+
+    async def get_session(self, session_id: str) -> dict[str, Any] | None:
+        return await self._ask(Query(kind="get_session", session_id=session_id,
+                                     reply_to=self._reply_to))
+
+    async def list_sessions(self, limit: int = 100) -> list[dict[str, Any]]:
+        return await self._ask(Query(kind="list_sessions", limit=limit, reply_to=self._reply_to))
+
+    async def delete_session(self, session_id: str) -> bool:
+        return await self._ask(Query(kind="delete_session", session_id=session_id,
+                                     reply_to=self._reply_to))
+
+    async def session_state(self, session_id: str) -> dict[str, Any]:
+        session = await self.get_session(session_id)
+        if session is None:
+            raise QueryFailed(f"UnknownSession: no session {session_id!r}")
+        return session["state"]
+
+    async def set_session_state(self, session_id: str, state: dict[str, Any]) -> dict[str, Any]:
+        return await self._ask(Query(kind="set_session_state", session_id=session_id,
+                                     state=state, reply_to=self._reply_to))
+
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
         """The control plane's record of a task, or None if it has none."""
         return await self._ask(Query(kind="get_task", task_id=task_id, reply_to=self._reply_to))
@@ -202,17 +327,28 @@ class Client:
 
     async def _ask(self, query: Query, timeout: float | None = -1.0) -> Any:
         message = QueryMessage(type=QUERY, publisher_id=self.publisher_id, data=query)
+        if query.kind in ("watch_task", "stream_task"):
+            # Through the front door, keyed by the task: answered after its NEW_TASK.
+            return await self._request(
+                message, topic(self.settings.namespace, CONTROL_PLANE), query.kind,
+                key=query.task_id, timeout=timeout,
+            )
+        return await self._request(message, topic(self.settings.namespace, QUERY), query.kind,
+                                   timeout=timeout)
+
+    async def _request(self, message, to: str, what: str, *, key: str | None = None,
+                       timeout: float | None = -1.0) -> Any:
+        """Publish a message and wait for the control plane's answer to it."""
         future = asyncio.get_running_loop().create_future()
         self._answers[message.id] = future
         try:
-            await publish(self._broker, self.settings, message,
-                          topic(self.settings.namespace, QUERY))
+            await publish(self._broker, self.settings, message, to, key=key)
             wait_for = self.query_timeout if timeout == -1.0 else timeout
             try:
                 answer = await asyncio.wait_for(future, wait_for)
             except TimeoutError:
                 raise TimeoutError(
-                    f"no answer to {query.kind} within {wait_for} s: is the control plane up?"
+                    f"no answer to {what} within {wait_for} s: is the control plane up?"
                 ) from None
         finally:
             self._answers.pop(message.id, None)
@@ -245,6 +381,17 @@ class BlockingClient:
         if not asyncio.iscoroutinefunction(method):
             return method
         return lambda *args, **kwargs: self._call(method(*args, **kwargs))
+
+    def stream(self, task_id: str, after: int = -1) -> Iterator[TaskStream]:
+        events = self._client.stream(task_id, after)
+        try:
+            while True:
+                try:
+                    yield self._call(events.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(events.aclose())
 
     def close(self) -> None:
         self._call(self._client.close())

@@ -7,6 +7,7 @@ task id and offsets are committed after the handler has finished.
 """
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -108,7 +109,9 @@ def subscribe(
     """
     if isinstance(broker, RabbitBroker):
         if group is None:
-            queue = RabbitQueue(topic, routing_key=topic, exclusive=True, auto_delete=True)
+            # Named apart per process: every instance of a service hears its broadcast topic.
+            queue = RabbitQueue(f"{topic}.{uuid.uuid4().hex[:8]}", routing_key=topic,
+                                exclusive=True, auto_delete=True)
         else:
             queue = RabbitQueue(group, routing_key=topic, durable=True)
         return broker.subscriber(
@@ -154,8 +157,13 @@ async def publish(
     topic: str,
     *,
     key: str | None = None,
+    partition: int | None = None,
 ) -> None:
-    """Publish durably: confirmed by RabbitMQ, or acknowledged by all Kafka replicas."""
+    """Publish durably: confirmed by RabbitMQ, or acknowledged by all Kafka replicas.
+
+    `partition` pins a Kafka message to one partition: for topics every instance reads
+    whole (a broadcast), which are read from partition 0.
+    """
     body = encode(message)
     if isinstance(broker, RabbitBroker):
         await broker.publish(
@@ -172,5 +180,6 @@ async def publish(
             body,
             topic=topic,
             key=key.encode() if key else None,
+            partition=partition,
             headers={"content-type": "application/json"},
         )

@@ -1,7 +1,9 @@
 """The durable state at CONVEYOR_STATE_URL: SQLite or PostgreSQL through SQLAlchemy's async core.
 
 Every part shares one database and owns its own tables: the control plane the task
-records, event log, registry and dead letters; the orchestrator its dispatches.
+records, event log, inboxes, sessions, registry and dead letters; the orchestrator its
+dispatches. A workflow service reads a task's inbox and its session's state when it starts
+the task, and writes the session's state back when the task has run.
 """
 
 import asyncio
@@ -61,6 +63,7 @@ tasks = Table(
     Column("result", JSON),
     Column("error", JSON),
     Column("attempts", Integer, nullable=False, default=0),
+    Column("events", Integer, nullable=False, default=0),
     Column("reply_to", String(300)),
     Column("stream", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime(), nullable=False),
@@ -83,6 +86,28 @@ watchers = Table(
     Column("task_id", String(200), primary_key=True),
     Column("reply_to", String(300), primary_key=True),
     Column("request_id", String(200), primary_key=True),
+    # "outcome": answered once, when the task ends; "stream": sent every event, then the end.
+    Column("kind", String(16), nullable=False, default="outcome"),
+)
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("event", JSON, nullable=False),
+    Column("step", String(200)),
+    Column("message_id", String(200)),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("session_id", String(200), primary_key=True),
+    Column("state", JSON),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
 )
 
 services = Table(
@@ -90,6 +115,7 @@ services = Table(
     metadata,
     Column("name", String(100), primary_key=True),
     Column("workflow", String(300)),
+    Column("event_types", JSON),
     Column("registered_at", UTCDateTime(), nullable=False),
     Column("last_seen", UTCDateTime(), nullable=False),
 )

@@ -6,7 +6,7 @@ import pytest
 
 from conveyor import embedded_broker
 
-from .deployment import Deployment
+from .deployment import Deployment, serving
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -44,15 +44,6 @@ def fresh_deployment(broker_url, tmp_path):
 @pytest.fixture(scope="module")
 def deployment(broker_url, tmp_path_factory):
     """One running deployment per broker, shared by a module's tests."""
-    import asyncio
-
-    deployment = Deployment(broker_url, tmp_path_factory.mktemp("deployment"))
-    deployment.start("control-plane", "orchestrator", "echo", "recorded")
-    try:
-        asyncio.run(deployment.ready("echo", "recorded"))
-    except BaseException:
-        print(deployment.logs())
-        deployment.stop()
-        raise
-    yield deployment
-    deployment.stop()
+    with serving(Deployment(broker_url, tmp_path_factory.mktemp("deployment")),
+                 "echo", "recorded") as deployment:
+        yield deployment

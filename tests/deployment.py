@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,8 @@ TESTS = Path(__file__).parent
 SERVICES = {
     "echo": "conveyor.services.examples.echo:workflow",
     "slow": "conveyor.services.examples.slow:workflow",
+    "counter": "conveyor.services.examples.counter:workflow",
+    "greeter": "conveyor.services.examples.greeter:workflow",
     "recorded": "sample_workflows:recorded",
     "unserializable": "sample_workflows:unserializable",
 }
@@ -84,10 +87,14 @@ class Deployment:
         return Client(self.broker_url, self.namespace)
 
     async def ready(self, *services: str, timeout: float = 90.0) -> None:
-        """Wait until each service has run a task end to end."""
+        """Wait until each service has run a task end to end (or, if it waits for input
+        before it ends, until it is registered)."""
         async with self.client() as client:
             async with asyncio.timeout(timeout):
                 for service in services:
+                    if service in WAIT_FOR_INPUT:
+                        await eventually(lambda s=service: registered(client, s), timeout)
+                        continue
                     # Until the parts have declared their queues, a task may go nowhere
                     # (RabbitMQ) or to a service not yet known: try again until one runs.
                     while True:
@@ -100,6 +107,30 @@ class Deployment:
                             if exc.error is None or exc.error.type != "UnknownService":
                                 break  # it ran: the service is up
                             await asyncio.sleep(0.3)
+
+
+@contextmanager
+def serving(deployment: Deployment, *services: str):
+    """The deployment running the control plane, the orchestrator and `services`, ready."""
+    deployment.start("control-plane", "orchestrator", *services)
+    try:
+        asyncio.run(deployment.ready(*services))
+    except BaseException:
+        print(deployment.logs())
+        deployment.stop()
+        raise
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+WAIT_FOR_INPUT = {"greeter"}
+
+
+async def registered(client: Client, service: str) -> bool:
+    found = {s["name"]: s for s in await client.list_services()}
+    return service in found and any(i["alive"] for i in found[service]["instances"])
 
 
 async def eventually(check, timeout: float = 15.0):

@@ -220,8 +220,8 @@ async def test_watching_a_running_task_registers_a_watcher_told_once(engine):
     async with engine.begin() as conn:
         told = await state.record_outcome(conn, outcome())
     assert sorted(told, key=lambda w: w["request_id"]) == [
-        {"reply_to": "replies-a", "request_id": "req-1"},
-        {"reply_to": "replies-b", "request_id": "req-2"},
+        {"reply_to": "replies-a", "request_id": "req-1", "kind": "outcome"},
+        {"reply_to": "replies-b", "request_id": "req-2", "kind": "outcome"},
     ]
     # Told once: the watchers are forgotten.
     assert await count(engine, database.watchers) == 0
@@ -248,7 +248,7 @@ async def test_watching_a_task_not_yet_recorded_waits_for_its_outcome(engine):
         assert await state.watch_task(conn, "t1", "replies", "req-1") is None
     async with engine.begin() as conn:
         told = await state.record_outcome(conn, outcome())
-    assert told == [{"reply_to": "replies", "request_id": "req-1"}]
+    assert told == [{"reply_to": "replies", "request_id": "req-1", "kind": "outcome"}]
 
 
 async def test_watchers_of_other_tasks_are_kept(engine):
@@ -259,7 +259,7 @@ async def test_watchers_of_other_tasks_are_kept(engine):
         await state.watch_task(conn, "t2", "replies", "req-2")
     async with engine.begin() as conn:
         assert await state.record_outcome(conn, outcome("t1")) == [
-            {"reply_to": "replies", "request_id": "req-1"}
+            {"reply_to": "replies", "request_id": "req-1", "kind": "outcome"}
         ]
     assert await count(engine, database.watchers, database.watchers.c.task_id == "t2") == 1
 
@@ -571,7 +571,8 @@ async def test_a_watch_racing_the_outcome_is_answered(engine, recorded_first):
         lambda conn: state.watch_task(conn, "t1", "replies", "req-1"),
     )
     # Either the watch sees the outcome, or the outcome sees the watcher: never neither.
-    answered = found is not None or {"reply_to": "replies", "request_id": "req-1"} in told
+    watcher = {"reply_to": "replies", "request_id": "req-1", "kind": "outcome"}
+    answered = found is not None or watcher in told
     assert answered, "the watcher was stored after the outcome and will never be told"
 
 
@@ -585,4 +586,4 @@ async def test_an_outcome_racing_a_watch_tells_the_watcher(engine):
         lambda conn: state.record_outcome(conn, outcome()),
     )
     assert found is None
-    assert told == [{"reply_to": "replies", "request_id": "req-1"}]
+    assert told == [{"reply_to": "replies", "request_id": "req-1", "kind": "outcome"}]

@@ -9,12 +9,12 @@ from workflows import Context, Workflow, step
 from workflows.events import Event, StartEvent, StopEvent
 
 from conveyor.contracts import EventEnvelope, NewTask
+from conveyor.services.runtime.task_run import run_task
 from conveyor.services.runtime.worker import (
     ResultNotSerializable,
     WorkflowNotFound,
     envelope,
     load_workflow,
-    run_task,
 )
 
 # Workflows the tests load as tests.test_worker:NAME

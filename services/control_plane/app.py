@@ -1,8 +1,9 @@
 """The control plane: Conveyor's system of record.
 
 It records each NEW_TASK beside the orchestrator's dispatch (both consume the front door),
-stores streamed events and outcomes, answers reply_to and watchers, keeps the service
-registry, stores dead letters, and answers queries over the broker.
+stores streamed events and outcomes, answers reply_to, watchers and stream followers, keeps
+each task's inbox of sent events, sessions and their state, the service registry and dead
+letters, and answers queries over the broker.
 """
 
 import logging
@@ -13,6 +14,8 @@ from faststream import FastStream
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import (
+    FINAL_STATUSES,
+    CompletedTask,
     CompletedTaskMessage,
     DeadLetterMessage,
     DeregisterServiceMessage,
@@ -23,20 +26,27 @@ from conveyor.contracts import (
     QueryResult,
     QueryResultMessage,
     RegisterServiceMessage,
+    SendEventMessage,
     TaskError,
+    TaskStream,
     TaskStreamMessage,
+    broadcast_topic,
     parse_message,
     topic,
 )
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
 
-from .. import database
+from .. import database, sessions
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
 from . import state
 
 log = logging.getLogger("conveyor.control_plane")
+
+# Queries about one task that may also come through the front door, keyed by the task id,
+# so that they are answered after the task's NEW_TASK has been recorded.
+TASK_QUERIES = frozenset({"watch_task", "stream_task"})
 
 
 def create_app(settings: Settings | None = None) -> FastStream:
@@ -62,7 +72,14 @@ def create_app(settings: Settings | None = None) -> FastStream:
             await rejected(body, source, exc)
             return
         # Replies go out before the commit: a crash between the two repeats the reply
-        # (clients dedupe on task id) rather than losing it.
+        # (clients dedupe on task id and event index) rather than losing it. Live followers
+        # are told after it, so that one who joins meanwhile reads the event from the log.
+        if isinstance(message, SendEventMessage):
+            await on_sent_event(message, body)
+            return
+        if isinstance(message, QueryMessage) and message.data.kind in TASK_QUERIES:
+            await answer_query(message)
+            return
         async with engine.begin() as conn:
             match message:
                 case NewTaskMessage(data=task):
@@ -81,6 +98,39 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 case _:
                     await rejected(body, source, InvalidMessage(
                         f"action {message.action.value!r} is not taken on {source}"))
+                    return
+        if isinstance(message, TaskStreamMessage):
+            async with engine.connect() as conn:
+                followers = await state.stream_watchers(conn, message.data.task_id)
+            for reply_to in followers:
+                await publish(broker, settings, message, reply_to, key=message.data.task_id)
+
+    async def on_sent_event(message: SendEventMessage, body: bytes) -> None:
+        """Keep the event in the task's inbox, pass it to the service, tell the sender.
+
+        It is passed on only once kept, so an instance that takes the task later finds it
+        in the inbox, and one that holds it now gets it at once.
+        """
+        sent = message.data
+        answer = QueryResult(request_id=message.id)
+        try:
+            async with engine.begin() as conn:
+                sent.seq = await state.record_sent_event(conn, sent, message.id)
+                service = await state.service_of(conn, sent.task_id)
+        except state.EventRefused as exc:
+            await reject(broker, settings, body=body, source_topic=topic(ns, CONTROL_PLANE),
+                         error_type="EventRefused", reason=str(exc), publisher_id=publisher_id,
+                         answer=False)
+            answer.error = TaskError(type="EventRefused", message=str(exc))
+        else:
+            await publish(broker, settings, message, broadcast_topic(ns, service), partition=0)
+            answer.result = {"task_id": sent.task_id, "seq": sent.seq}
+        if sent.reply_to:
+            await publish(
+                broker, settings,
+                QueryResultMessage(type=QUERY, publisher_id=publisher_id, data=answer),
+                sent.reply_to,
+            )
 
     @subscribe_system(broker, settings, REGISTRY, "control_plane")
     async def on_registry(body: bytes) -> None:
@@ -127,9 +177,15 @@ def create_app(settings: Settings | None = None) -> FastStream:
             await rejected(body, source, InvalidMessage(
                 f"action {message.action.value!r} is not taken on {source}"))
             return
+        await answer_query(message)
+
+    async def answer_query(message: QueryMessage) -> None:
         query = message.data
         answer = QueryResult(request_id=message.id)
         try:
+            if query.kind == "stream_task":
+                await _replay(broker, settings, engine, message, publisher_id)
+                return
             answer.result, pending = await _answer(engine, settings, message)
         except Exception as exc:  # the asker hears of any failure, the service keeps serving
             log.exception("query %s failed", query.kind)
@@ -174,6 +230,61 @@ async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage
                 return await state.list_services(conn, settings.heartbeat_timeout), False
             case "list_dead_letters":
                 return await state.list_dead_letters(conn, query.limit), False
+            case "create_session":
+                return await sessions.create(conn, query.session_id), False
+            case "get_session":
+                return await sessions.get(conn, _required(query.session_id, "session_id")), False
+            case "list_sessions":
+                return await sessions.list_all(conn, query.limit), False
+            case "delete_session":
+                return await sessions.delete_one(
+                    conn, _required(query.session_id, "session_id")), False
+            case "set_session_state":
+                return await sessions.set_state(
+                    conn, _required(query.session_id, "session_id"), query.state or {}), False
+        raise ValueError(f"query kind {query.kind!r} is not answered here")
+
+
+def _required(value: str | None, name: str) -> str:
+    if not value:
+        raise ValueError(f"{name} is required")
+    return value
+
+
+async def _replay(broker: Broker, settings: Settings, engine: AsyncEngine,
+                  message: QueryMessage, publisher_id: str) -> None:
+    """Answer stream_task: the task, then its stored events after `after`, then its end.
+
+    Unfinished, the asker is then sent each new event live and the outcome at the end.
+    """
+    query = message.data
+    task_id = _required(query.task_id, "task_id")
+    async with engine.begin() as conn:
+        task, stored = await state.watch_stream(conn, task_id, query.reply_to, message.id,
+                                                query.after)
+    answer = QueryResult(request_id=message.id, result=task)
+    if task is None:
+        answer.error = TaskError(type="UnknownTask", message=f"no task {task_id!r}")
+    await publish(broker, settings,
+                  QueryResultMessage(type=QUERY, publisher_id=publisher_id, data=answer),
+                  query.reply_to)
+    if task is None:
+        return
+    for item in stored:
+        event = TaskStream(task_id=task_id, session_id=task["session_id"], index=item["index"],
+                           event=item["event"])
+        await publish(broker, settings,
+                      TaskStreamMessage(type=QUERY, publisher_id=publisher_id, data=event),
+                      query.reply_to, key=task_id)
+    if task["status"] in FINAL_STATUSES:
+        outcome = CompletedTask(
+            task_id=task_id, session_id=task["session_id"], service=task["service"],
+            status=task["status"], result=task["result"], error=task["error"],
+            attempt=task["attempts"], events=task["events"],
+        )
+        await publish(broker, settings,
+                      CompletedTaskMessage(type=QUERY, publisher_id=publisher_id, data=outcome),
+                      query.reply_to, key=task_id)
 
 
 async def _tell_outcome(
@@ -184,6 +295,9 @@ async def _tell_outcome(
     if outcome.reply_to:
         await publish(broker, settings, message, outcome.reply_to, key=outcome.task_id)
     for watcher in waiting:
+        if watcher["kind"] == "stream":
+            await publish(broker, settings, message, watcher["reply_to"], key=outcome.task_id)
+            continue
         view = outcome.model_dump(mode="json", exclude={"reply_to", "attempt"})
         await publish(
             broker, settings,

@@ -1,4 +1,5 @@
-"""What the control plane stores: task records, their event logs, the registry, dead letters.
+"""What the control plane stores: task records, their event logs and inboxes, the registry,
+dead letters.
 
 Every write is idempotent on the message's own ids, so a redelivered message changes nothing.
 """
@@ -6,7 +7,7 @@ Every write is idempotent on the message's own ids, so a redelivered message cha
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, insert, select, text, update
+from sqlalchemy import and_, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,10 +19,15 @@ from conveyor.contracts import (
     NewTask,
     Query,
     RegisterService,
+    SendEvent,
     TaskStream,
 )
 
-from ..database import dead_letters, events, instances, now, services, tasks, watchers
+from ..database import dead_letters, events, inbox, instances, now, services, tasks, watchers
+
+
+class EventRefused(ValueError):
+    """An event sent into a task that cannot take it; the text says why."""
 
 
 def _insert_ignoring_duplicates(conn: AsyncConnection, table, **values):
@@ -73,7 +79,11 @@ async def record_new_task(conn: AsyncConnection, task: NewTask, publisher_id: st
 async def record_outcome(
     conn: AsyncConnection, outcome: CompletedTask
 ) -> list[dict[str, str]] | None:
-    """Store a task's outcome once; returns the watchers to tell, or None if already final."""
+    """Store a task's outcome once; returns the watchers to tell, or None if already final.
+
+    Each watcher is {"reply_to", "request_id", "kind"}: "outcome" watchers wait for the end,
+    "stream" watchers follow the events and then the end.
+    """
     await _lock_task(conn, outcome.task_id)
     await conn.execute(
             _insert_ignoring_duplicates(
@@ -96,6 +106,7 @@ async def record_outcome(
             result=outcome.result,
             error=outcome.error.model_dump() if outcome.error else None,
             attempts=outcome.attempt,
+            events=outcome.events,
             finished_at=now(),
         )
     )
@@ -106,7 +117,8 @@ async def record_outcome(
     ).all()
     if waiting:
         await conn.execute(delete(watchers).where(watchers.c.task_id == outcome.task_id))
-    return [{"reply_to": w.reply_to, "request_id": w.request_id} for w in waiting]
+    return [{"reply_to": w.reply_to, "request_id": w.request_id, "kind": w.kind}
+            for w in waiting]
 
 
 async def append_event(conn: AsyncConnection, stream: TaskStream) -> None:
@@ -122,6 +134,84 @@ async def append_event(conn: AsyncConnection, stream: TaskStream) -> None:
     )
 
 
+async def stream_watchers(conn: AsyncConnection, task_id: str) -> list[str]:
+    """The reply topics following a task's events live."""
+    found = await conn.execute(
+        select(watchers.c.reply_to).where(watchers.c.task_id == task_id,
+                                          watchers.c.kind == "stream")
+    )
+    return list(found.scalars())
+
+
+async def watch_stream(
+    conn: AsyncConnection, task_id: str, reply_to: str, request_id: str, after: int
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """A task's record and its stored events after `after`; follows it live if unfinished.
+
+    The watcher is registered before the events are read, so an event stored meanwhile is
+    either read here or sent live (or both: the index lets the follower drop the repeat).
+    """
+    await _lock_task(conn, task_id)
+    row = (await conn.execute(select(tasks).where(tasks.c.task_id == task_id))).first()
+    if row is None:
+        return None, []
+    if row.status not in FINAL_STATUSES:
+        await conn.execute(
+            _insert_ignoring_duplicates(conn, watchers, task_id=task_id, reply_to=reply_to,
+                                        request_id=request_id, kind="stream")
+        )
+    stored = await conn.execute(
+        select(events.c.idx, events.c.event)
+        .where(events.c.task_id == task_id, events.c.idx > after)
+        .order_by(events.c.idx)
+    )
+    return task_view(row), [{"index": idx, "event": event} for idx, event in stored]
+
+
+async def record_sent_event(conn: AsyncConnection, sent: SendEvent, message_id: str) -> int:
+    """Keep an event sent into a task in its inbox; returns its position there.
+
+    Refuses (EventRefused) an unknown or finished task and an event type the task's
+    service did not declare when it registered. The same message twice is kept once.
+    """
+    await _lock_task(conn, sent.task_id)
+    task = (await conn.execute(select(tasks).where(tasks.c.task_id == sent.task_id))).first()
+    if task is None:
+        raise EventRefused(f"no task {sent.task_id!r}")
+    if task.status in FINAL_STATUSES:
+        raise EventRefused(f"task {sent.task_id!r} has already ended ({task.status})")
+    accepted = (
+        await conn.execute(select(services.c.event_types).where(services.c.name == task.service))
+    ).scalar_one_or_none() or []
+    if not _accepts(accepted, sent):
+        names = ", ".join(sorted(name.rsplit(".", 1)[-1] for name in accepted)) or "none"
+        raise EventRefused(
+            f"event type {sent.event.qualified_name or sent.event.type!r} is not one that "
+            f"service {task.service!r} accepts (it accepts: {names})"
+        )
+    seen = (
+        await conn.execute(select(inbox.c.seq).where(inbox.c.task_id == sent.task_id,
+                                                     inbox.c.message_id == message_id))
+    ).scalar_one_or_none()
+    if seen is not None:
+        return seen
+    last = (
+        await conn.execute(select(func.max(inbox.c.seq)).where(inbox.c.task_id == sent.task_id))
+    ).scalar_one_or_none()
+    seq = (last or 0) + 1
+    await conn.execute(
+        insert(inbox).values(task_id=sent.task_id, seq=seq, event=sent.event.model_dump(),
+                             step=sent.step, message_id=message_id, created_at=now())
+    )
+    return seq
+
+
+def _accepts(accepted: list[str], sent: SendEvent) -> bool:
+    if sent.event.qualified_name:
+        return sent.event.qualified_name in accepted
+    return any(name.rsplit(".", 1)[-1] == sent.event.type for name in accepted)
+
+
 async def record_registration(conn: AsyncConnection, reg: RegisterService) -> None:
     moment = now()
     await conn.execute(
@@ -129,9 +219,9 @@ async def record_registration(conn: AsyncConnection, reg: RegisterService) -> No
             conn,
             services,
             ["name"],
-            {"name": reg.service, "workflow": reg.workflow, "registered_at": moment,
-             "last_seen": moment},
-            ["workflow", "last_seen"],
+            {"name": reg.service, "workflow": reg.workflow, "event_types": reg.event_types,
+             "registered_at": moment, "last_seen": moment},
+            ["workflow", "event_types", "last_seen"],
         )
     )
     await conn.execute(
@@ -205,6 +295,7 @@ def task_view(row: Any) -> dict[str, Any]:
         "result": row.result,
         "error": row.error,
         "attempts": row.attempts,
+        "events": row.events,
         "created_at": _iso(row.created_at),
         "started_at": _iso(row.started_at),
         "finished_at": _iso(row.finished_at),
@@ -213,6 +304,11 @@ def task_view(row: Any) -> dict[str, Any]:
 
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
+
+
+async def service_of(conn: AsyncConnection, task_id: str) -> str:
+    found = await conn.execute(select(tasks.c.service).where(tasks.c.task_id == task_id))
+    return found.scalar_one()
 
 
 async def get_task(conn: AsyncConnection, task_id: str) -> dict[str, Any] | None:

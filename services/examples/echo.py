@@ -1,4 +1,8 @@
-"""echo: returns its input; with `fail` set it raises, with `events` it streams that many."""
+"""echo: returns its input; with `fail` set it raises, with `events` it streams that many
+(`pause` seconds apart).
+"""
+
+import asyncio
 
 from workflows import Context, Workflow, step
 from workflows.events import Event, StartEvent, StopEvent
@@ -21,6 +25,7 @@ class EchoWorkflow(Workflow):
             raise EchoFailed(str(arguments["fail"]))
         count = int(arguments.get("events") or 0)
         for n in range(count):
+            await asyncio.sleep(float(arguments.get("pause") or 0))
             ctx.write_event_to_stream(Progress(step=n + 1, of=count))
         return StopEvent(result={"echo": arguments})
 

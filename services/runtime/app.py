@@ -2,7 +2,9 @@
 
 It registers with the control plane, heartbeats the tasks it holds, takes dispatched tasks
 from its service topic (replicas compete), streams their events and publishes each outcome
-to the front door, where the control plane records it and answers reply_to.
+to the front door, where the control plane records it and answers reply_to. Events sent into
+its tasks reach every instance on the service's broadcast topic; the one holding the task
+takes them. A task starts from its session's state and the events already in its inbox.
 """
 
 import asyncio
@@ -12,6 +14,7 @@ import socket
 import uuid
 
 from faststream import FastStream
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import (
     CompletedTask,
@@ -27,19 +30,23 @@ from conveyor.contracts import (
     RegisterService,
     RegisterServiceMessage,
     RunningTask,
+    SendEventMessage,
     TaskStream,
     TaskStreamMessage,
+    broadcast_topic,
     parse_message,
     service_topic,
     topic,
 )
 from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 
+from .. import database, inbox, sessions
 from ..bus import create_broker, declare_system_queues, publish, subscribe
 from ..dead_letters import reject
 from ..settings import ConfigurationError, load
 from .settings import RuntimeSettings
-from .worker import describe, load_workflow, run_task
+from .task_run import EventNotAccepted, TaskRun, accepted_events
+from .worker import describe, load_workflow
 
 log = logging.getLogger("conveyor.runtime")
 
@@ -54,8 +61,11 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     workflow = workflow or load_workflow(settings.workflow)
     broker = create_broker(settings)
     instance_id = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    accepted = accepted_events(workflow)
     running: dict[str, int] = {}
+    holding: dict[str, TaskRun] = {}
     heartbeats: asyncio.Task | None = None
+    engine: AsyncEngine | None = None
 
     async def emit(message, to: str, key: str | None = None) -> None:
         await publish(broker, settings, message, to, key=key)
@@ -80,7 +90,17 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         )
         running[task.task_id] = dispatch.attempt
         try:
-            outcome.result = await run_task(workflow, task, stream)
+            state, sent = await starting_point(task)
+            holding[task.task_id] = task_run = TaskRun(
+                workflow, task, stream, accepted=accepted, state=state
+            )
+            for item in sent:
+                deliver(task_run, item["seq"], item["event"], item["step"])
+            outcome.result = await task_run.run()
+            if task.session_id:
+                async with engine.begin() as conn:
+                    await sessions.save_context_state(conn, task.session_id,
+                                                      task_run.context_state())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the step's failure is the task's outcome, never a crash
@@ -88,10 +108,38 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             outcome.status, outcome.error = "failed", describe(exc)
         finally:
             running.pop(task.task_id, None)
+            holding.pop(task.task_id, None)
+        outcome.events = index
         await emit(
             CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome),
             topic(ns, CONTROL_PLANE), task.task_id,
         )
+
+    async def starting_point(task) -> tuple[dict | None, list[dict]]:
+        """The session state a task starts from and the events already sent into it."""
+        async with engine.connect() as conn:
+            state = None
+            if task.session_id:
+                state = await sessions.load_context_state(conn, task.session_id)
+            return state, await inbox.sent_events(conn, task.task_id)
+
+    def deliver(task_run: TaskRun, seq: int, event, step: str | None) -> None:
+        try:
+            task_run.deliver(seq, EventEnvelope.model_validate(event), step)
+        except EventNotAccepted as exc:
+            log.warning("event %d for task %s not delivered: %s", seq, task_run.task.task_id, exc)
+
+    @subscribe(broker, settings, broadcast_topic(ns, name), None)
+    async def on_broadcast(body: bytes) -> None:
+        try:
+            message = parse_message(body)
+        except InvalidMessage as exc:
+            log.warning("unreadable message on %s: %s", broadcast_topic(ns, name), exc)
+            return
+        if isinstance(message, SendEventMessage) and message.data.seq is not None:
+            task_run = holding.get(message.data.task_id)
+            if task_run is not None:
+                deliver(task_run, message.data.seq, message.data.event, message.data.step)
 
     @subscribe(broker, settings, own_topic, own_topic, concurrency=settings.max_concurrent_tasks)
     async def on_dispatch(body: bytes) -> None:
@@ -123,7 +171,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         await declare_system_queues(broker, settings)
         registration = RegisterService(
             service=name, instance_id=instance_id, host=socket.gethostname(), pid=os.getpid(),
-            workflow=settings.workflow,
+            workflow=settings.workflow, event_types=sorted(accepted),
         )
         await emit(RegisterServiceMessage(type=REGISTRY, publisher_id=instance_id,
                                           data=registration), topic(ns, REGISTRY), instance_id)
@@ -140,7 +188,16 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except Exception as exc:
             log.warning("could not deregister %s: %s", instance_id, exc)
 
-    return FastStream(broker, after_startup=[register], on_shutdown=[deregister])
+    async def connect() -> None:
+        nonlocal engine
+        engine = await database.connect(settings.state_url)
+
+    async def disconnect() -> None:
+        if engine is not None:
+            await engine.dispose()
+
+    return FastStream(broker, on_startup=[connect], after_startup=[register],
+                      on_shutdown=[deregister], after_shutdown=[disconnect])
 
 
 def __getattr__(name: str) -> FastStream:

@@ -1,15 +1,14 @@
 """Running one task under llama-index-workflows: its stream, its result, its error."""
 
 import importlib
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 from workflows import Workflow
-from workflows.events import Event, StopEvent
+from workflows.events import Event
 
-from conveyor.contracts import EventEnvelope, NewTask, TaskError
+from conveyor.contracts import EventEnvelope, TaskError
 
 
 class WorkflowNotFound(ImportError):
@@ -66,18 +65,3 @@ def jsonable(result: Any) -> Any:
 
 def describe(exc: BaseException) -> TaskError:
     return TaskError(type=type(exc).__name__, message=str(exc))
-
-
-async def run_task(
-    workflow: Workflow, task: NewTask, on_event: Callable[[EventEnvelope], Awaitable[None]]
-) -> Any:
-    """Run one task to its result, handing each streamed event to `on_event` in order."""
-    handler = workflow.run(**task.input)
-    try:
-        async for event in handler.stream_events():
-            if not isinstance(event, StopEvent):
-                await on_event(envelope(event))
-        return jsonable(await handler)
-    finally:
-        if not handler.is_done():
-            await handler.cancel_run()

@@ -1,0 +1,155 @@
+"""One task running under llama-index-workflows: its stream, its inbox, its session state.
+
+Events sent into the task (human-in-the-loop) arrive numbered by the control plane's inbox.
+llama-index-workflows drops an event that no step or waiter takes yet (it reports an
+UnhandledEvent), so such an event is held back and sent again each time the workflow
+goes idle waiting for input (WorkflowIdleEvent): an answer that comes early is not lost.
+"""
+
+import inspect
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+from workflows import Context, Workflow
+from workflows.events import (
+    Event,
+    HumanResponseEvent,
+    InternalDispatchEvent,
+    StartEvent,
+    StopEvent,
+    UnhandledEvent,
+    WorkflowIdleEvent,
+)
+
+from conveyor.contracts import EventEnvelope, NewTask
+
+from .worker import envelope, jsonable
+
+log = logging.getLogger("conveyor.runtime")
+
+
+class EventNotAccepted(ValueError):
+    """An event sent into a task that its workflow does not take, or that does not validate."""
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def accepted_events(workflow: Workflow) -> dict[str, type[Event]]:
+    """The event types that may be sent into a run of `workflow`, by qualified name.
+
+    Those its steps take or emit, those defined beside the workflow (the types its steps
+    wait for with ctx.wait_for_event), and HumanResponseEvent; never start or stop events.
+    """
+    found: list[type[Event]] = [*workflow.events, HumanResponseEvent]
+    module = sys.modules.get(type(workflow).__module__)
+    if module is not None:
+        found += [value for _, value in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(value, Event) and value.__module__ == module.__name__]
+    return {
+        qualified_name(cls): cls
+        for cls in found
+        if not issubclass(cls, StartEvent | StopEvent | InternalDispatchEvent)
+    }
+
+
+def to_event(accepted: dict[str, type[Event]], sent: EventEnvelope) -> Event:
+    cls = accepted.get(sent.qualified_name or "")
+    if cls is None:
+        by_name = [c for c in accepted.values() if c.__name__ == sent.type]
+        cls = by_name[0] if len(by_name) == 1 else None
+    if cls is None:
+        raise EventNotAccepted(
+            f"event type {sent.qualified_name or sent.type!r} is not one this workflow takes"
+        )
+    try:
+        return cls.model_validate(sent.value)
+    except ValidationError as exc:
+        raise EventNotAccepted(f"event {cls.__name__} does not validate: {exc}") from None
+
+
+class TaskRun:
+    """Runs one task to its result, streaming its events and taking events sent into it."""
+
+    def __init__(
+        self,
+        workflow: Workflow,
+        task: NewTask,
+        on_event: Callable[[EventEnvelope], Awaitable[None]],
+        *,
+        accepted: dict[str, type[Event]] | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.workflow = workflow
+        self.task = task
+        self.on_event = on_event
+        self.accepted = accepted if accepted is not None else accepted_events(workflow)
+        self.state = state
+        self.streamed = 0
+        self._handler = None
+        self._seen: set[int] = set()
+        self._held: list[tuple[Event, str | None]] = []
+        self._sent: list[tuple[Event, str | None]] = []
+
+    def deliver(self, seq: int, sent: EventEnvelope, step: str | None = None) -> None:
+        """Hand an event from the inbox to the run; each inbox position is taken once."""
+        if seq in self._seen:
+            return
+        event = to_event(self.accepted, sent)
+        self._seen.add(seq)
+        if self._handler is None:
+            self._held.append((event, step))
+        else:
+            self._send(event, step)
+
+    def _send(self, event: Event, step: str | None) -> None:
+        self._sent.append((event, step))
+        self._handler.ctx.send_event(event, step=step)
+
+    def _on_internal(self, event: InternalDispatchEvent) -> None:
+        if isinstance(event, UnhandledEvent):
+            for i, (sent, _) in enumerate(self._sent):
+                if qualified_name(type(sent)) == event.qualified_name:
+                    self._held.append(self._sent.pop(i))
+                    break
+        elif isinstance(event, WorkflowIdleEvent):
+            # Everything sent before going idle was taken or reported unhandled by now.
+            self._sent.clear()
+            held, self._held = self._held, []
+            for sent, step in held:
+                self._send(sent, step)
+
+    async def run(self) -> Any:
+        ctx = Context.from_dict(self.workflow, {"state": self.state}) if self.state else None
+        self._handler = handler = self.workflow.run(ctx=ctx, **self.task.input)
+        held, self._held = self._held, []
+        for sent, step in held:
+            self._send(sent, step)
+        try:
+            async for event in handler.stream_events(expose_internal=True):
+                if isinstance(event, InternalDispatchEvent):
+                    self._on_internal(event)
+                elif not isinstance(event, StopEvent):
+                    await self.on_event(envelope(event))
+                    self.streamed += 1
+            return jsonable(await handler)
+        finally:
+            if not handler.is_done():
+                await handler.cancel_run()
+
+    def context_state(self) -> dict[str, Any] | None:
+        """The run's state store, serialized, for the next task of its session."""
+        if self._handler is None or self._handler.ctx is None:
+            return None
+        return self._handler.ctx.to_dict()["state"]
+
+
+async def run_task(
+    workflow: Workflow, task: NewTask, on_event: Callable[[EventEnvelope], Awaitable[None]]
+) -> Any:
+    """Run one task to its result, handing each streamed event to `on_event` in order."""
+    return await TaskRun(workflow, task, on_event).run()

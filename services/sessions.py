@@ -1,0 +1,106 @@
+"""Sessions: tasks run in one session share the workflow Context's state.
+
+The state is kept as llama-index-workflows serializes a context's state store
+(`ctx.to_dict()["state"]`), so a task of the session starts from
+`Context.from_dict(workflow, {"state": ...})`. Clients see and set it as a plain dict.
+"""
+
+import json
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+from workflows.context.serializers import JsonSerializer
+from workflows.context.state_store import DictState, InMemoryStateStore
+
+from conveyor.contracts import new_id
+
+from .database import now, sessions
+
+_serializer = JsonSerializer()
+
+
+def plain_state(stored: dict[str, Any] | None) -> dict[str, Any]:
+    """A stored state as the client sees it: the values of a dict state, decoded."""
+    if not stored:
+        return {}
+    data = stored.get("state_data") or {}
+    if stored.get("state_type") == "DictState":
+        return {key: json.loads(value) for key, value in (data.get("_data") or {}).items()}
+    return dict(data)
+
+
+def stored_state(plain: dict[str, Any]) -> dict[str, Any]:
+    """A plain dict as the state store of a context whose state is a dict."""
+    try:
+        encoded = {key: _serializer.serialize(value) for key, value in plain.items()}
+    except Exception as exc:
+        raise ValueError(f"session state must be JSON: {exc}") from None
+    store = InMemoryStateStore(DictState())
+    document = store.to_dict(_serializer)
+    document["state_data"] = {"_data": encoded}
+    return document
+
+
+def view(row: Any) -> dict[str, Any]:
+    return {
+        "session_id": row.session_id,
+        "state": plain_state(row.state),
+        "created_at": row.created_at.isoformat(),
+        "updated_at": row.updated_at.isoformat(),
+    }
+
+
+def _upsert(conn: AsyncConnection, session_id: str, state: dict[str, Any] | None):
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    moment = now()
+    statement = dialect.insert(sessions).values(
+        session_id=session_id, state=state, created_at=moment, updated_at=moment
+    )
+    return statement.on_conflict_do_update(
+        index_elements=["session_id"], set_={"state": state, "updated_at": moment}
+    )
+
+
+async def create(conn: AsyncConnection, session_id: str | None = None) -> dict[str, Any]:
+    """A new session (or the existing one of that id)."""
+    session_id = session_id or new_id()
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    moment = now()
+    await conn.execute(
+        dialect.insert(sessions)
+        .values(session_id=session_id, state=None, created_at=moment, updated_at=moment)
+        .on_conflict_do_nothing()
+    )
+    return await get(conn, session_id)
+
+
+async def get(conn: AsyncConnection, session_id: str) -> dict[str, Any] | None:
+    row = (await conn.execute(select(sessions).where(sessions.c.session_id == session_id))).first()
+    return view(row) if row else None
+
+
+async def list_all(conn: AsyncConnection, limit: int) -> list[dict[str, Any]]:
+    statement = select(sessions).order_by(sessions.c.created_at.desc()).limit(limit)
+    return [view(row) for row in await conn.execute(statement)]
+
+
+async def delete_one(conn: AsyncConnection, session_id: str) -> bool:
+    gone = await conn.execute(delete(sessions).where(sessions.c.session_id == session_id))
+    return gone.rowcount > 0
+
+
+async def set_state(conn: AsyncConnection, session_id: str, plain: dict[str, Any]) -> dict:
+    await conn.execute(_upsert(conn, session_id, stored_state(plain)))
+    return await get(conn, session_id)
+
+
+async def load_context_state(conn: AsyncConnection, session_id: str) -> dict[str, Any] | None:
+    """The serialized state store a task of this session starts from, if any."""
+    found = await conn.execute(select(sessions.c.state).where(sessions.c.session_id == session_id))
+    return found.scalar_one_or_none()
+
+
+async def save_context_state(conn: AsyncConnection, session_id: str, state: dict) -> None:
+    await conn.execute(_upsert(conn, session_id, state))

@@ -1,0 +1,150 @@
+"""Workflows as llama_deploy promised them, on both brokers: streaming, human-in-the-loop,
+sessions. Real processes, real brokers, real llama-index-workflows workflows."""
+
+import asyncio
+import uuid
+
+import pytest
+from workflows.events import HumanResponseEvent
+
+from conveyor import QueryFailed
+
+from .deployment import Deployment, serving
+
+SERVICES = ("echo", "counter", "greeter")
+
+
+@pytest.fixture(scope="module")
+def workflows_deployment(broker_url, tmp_path_factory):
+    with serving(Deployment(broker_url, tmp_path_factory.mktemp("workflows")),
+                 *SERVICES) as deployment:
+        yield deployment
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# Streaming
+
+
+async def test_streamed_events_arrive_in_order_with_gap_free_indexes(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("echo", events=5)
+        seen = [item async for item in client.stream(task_id)]
+        assert [item.index for item in seen] == [0, 1, 2, 3, 4]
+        assert [item.event.value["step"] for item in seen] == [1, 2, 3, 4, 5]
+        first = seen[0].event
+        assert first.type == "Progress"
+        assert first.qualified_name == "conveyor.services.examples.echo.Progress"
+        assert "Event" in first.types
+        assert (await client.result(task_id))["echo"]["events"] == 5
+
+
+async def test_a_late_reader_gets_everything_after_the_index_it_names(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("echo", events=6)
+        await client.result(task_id)
+    async with workflows_deployment.client() as late:
+        tail = [item async for item in late.stream(task_id, after=3)]
+        assert [item.index for item in tail] == [4, 5]
+        assert [item.event.value["step"] for item in tail] == [5, 6]
+
+
+async def test_a_reader_that_joins_mid_run_sees_the_replay_then_the_live_events(
+    workflows_deployment,
+):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("echo", events=8, pause=0.15)
+        stream = client.stream(task_id)
+        first = await anext(stream)
+        await stream.aclose()
+        assert first.index == 0
+        await asyncio.sleep(0.5)
+        async with workflows_deployment.client() as other:
+            rest = [item.index async for item in other.stream(task_id, after=first.index)]
+        assert rest == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_streaming_an_unknown_task_says_so(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        with pytest.raises(QueryFailed, match="no task"):
+            [item async for item in client.stream("no-such-task")]
+
+
+# Sessions
+
+
+async def test_tasks_of_one_session_share_state_and_a_new_session_starts_fresh(
+    workflows_deployment,
+):
+    async with workflows_deployment.client() as client:
+        session = await client.create_session()
+        first = await client.run("counter", session_id=session["session_id"])
+        second = await client.run("counter", session_id=session["session_id"])
+        other = await client.run("counter", session_id=new_id())
+        assert (first, second, other) == (1, 2, 1)
+
+
+async def test_session_state_is_readable_and_writable_from_the_client(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        session_id = (await client.create_session())["session_id"]
+        await client.run("counter", session_id=session_id)
+        assert await client.session_state(session_id) == {"count": 1}
+        await client.set_session_state(session_id, {"count": 41, "note": "set by hand"})
+        assert await client.run("counter", session_id=session_id) == 42
+        assert await client.session_state(session_id) == {"count": 42, "note": "set by hand"}
+
+
+async def test_sessions_are_listed_and_deleted(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        made = (await client.create_session())["session_id"]
+        assert made in [s["session_id"] for s in await client.list_sessions()]
+        assert await client.delete_session(made) is True
+        assert await client.get_session(made) is None
+        assert await client.delete_session(made) is False
+
+
+# Human in the loop
+
+
+async def test_a_waiting_workflow_receives_the_answer_sent_by_the_client(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("greeter", greeting="hi")
+        async for item in client.stream(task_id):
+            assert item.event.type == "InputRequiredEvent"
+            assert item.event.value["_data"]["prefix"] == "What is your name?"
+            await client.send_event(task_id, HumanResponseEvent(response="Ada"))
+        assert await client.result(task_id, timeout=30) == "hi, Ada"
+
+
+async def test_an_answer_sent_before_the_question_is_kept_until_the_workflow_waits(
+    workflows_deployment,
+):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("greeter")
+        # Sent at once, possibly before the step waits: held, then delivered when it does.
+        while True:
+            try:
+                await client.send_event(task_id, HumanResponseEvent(response="Bo"))
+                break
+            except QueryFailed as exc:
+                assert "no task" in str(exc)  # not recorded yet
+                await asyncio.sleep(0.05)
+        assert await client.result(task_id, timeout=30) == "hello, Bo"
+
+
+async def test_an_event_type_the_workflow_does_not_take_is_refused_and_it_keeps_waiting(
+    workflows_deployment,
+):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("greeter")
+        stream = client.stream(task_id)
+        await anext(stream)
+        await stream.aclose()
+        with pytest.raises(QueryFailed, match="not one that service 'greeter' accepts"):
+            await client.send_event(task_id, {"type": "Bogus", "value": {"x": 1}})
+        assert await client.status(task_id) in ("queued", "running")
+        await client.send_event(task_id, {"type": "HumanResponseEvent",
+                                          "value": {"response": "Cy"}})
+        assert await client.result(task_id, timeout=30) == "hello, Cy"
