@@ -25,6 +25,7 @@ class Action(StrEnum):
     DISPATCH_TASK = "dispatch_task"
     TASK_STREAM = "task_stream"
     SEND_EVENT = "send_event"
+    CANCEL_TASK = "cancel_task"
     COMPLETED_TASK = "completed_task"
     REGISTER_SERVICE = "register_service"
     HEARTBEAT = "heartbeat"
@@ -106,6 +107,19 @@ class SendEvent(Payload):
     seq: int | None = Field(
         default=None, ge=1, description="the inbox position, set by the control plane"
     )
+
+
+class CancelTask(Payload):
+    """Stop a task: a queued one never starts, a running one stops, its inner tasks too.
+
+    The orchestrator answers reply_to with a query_result whose request_id is this
+    message's id: {"task_id", "cancelled": true} or, for a task that had already ended,
+    {"task_id", "cancelled": false}.
+    """
+
+    task_id: str = Field(min_length=1)
+    reason: str = "cancelled by request"
+    reply_to: str | None = None
 
 
 class TaskError(BaseModel):
@@ -246,6 +260,11 @@ class SendEventMessage(QueueMessage):
     data: SendEvent
 
 
+class CancelTaskMessage(QueueMessage):
+    action: Literal[Action.CANCEL_TASK] = Action.CANCEL_TASK
+    data: CancelTask
+
+
 class CompletedTaskMessage(QueueMessage):
     action: Literal[Action.COMPLETED_TASK] = Action.COMPLETED_TASK
     data: CompletedTask
@@ -286,6 +305,7 @@ TYPED_MESSAGES: tuple[type[QueueMessage], ...] = (
     DispatchTaskMessage,
     TaskStreamMessage,
     SendEventMessage,
+    CancelTaskMessage,
     CompletedTaskMessage,
     RegisterServiceMessage,
     HeartbeatMessage,
@@ -300,6 +320,7 @@ AnyMessage = Annotated[
     | DispatchTaskMessage
     | TaskStreamMessage
     | SendEventMessage
+    | CancelTaskMessage
     | CompletedTaskMessage
     | RegisterServiceMessage
     | HeartbeatMessage

@@ -16,6 +16,8 @@ from pydantic import BaseModel
 from workflows.events import Event
 
 from conveyor.contracts import (
+    CancelTask,
+    CancelTaskMessage,
     CompletedTaskMessage,
     EventEnvelope,
     InvalidMessage,
@@ -35,7 +37,7 @@ from conveyor.contracts import (
     topic,
 )
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY
-from conveyor.services.bus import create_broker, declare_system_queues, publish, subscribe
+from conveyor.services.bus import Broker, create_broker, declare_system_queues, publish, subscribe
 from conveyor.services.runtime.worker import envelope
 from conveyor.services.settings import Settings, load
 
@@ -114,14 +116,21 @@ class Client:
         *,
         publisher_id: str | None = None,
         query_timeout: float = 30.0,
+        settings: Settings | None = None,
+        broker: Broker | None = None,
     ) -> None:
+        """With `broker`, the client rides on a broker connection its owner starts and stops
+        (a workflow service's, for nested workflows); otherwise it makes its own."""
         overrides = {"broker_url": broker_url, "namespace": namespace}
-        self.settings: Settings = load(**{k: v for k, v in overrides.items() if v is not None})
+        self.settings: Settings = settings or load(
+            **{k: v for k, v in overrides.items() if v is not None}
+        )
         self.publisher_id = publisher_id or f"client@{socket.gethostname()}:{os.getpid()}"
         self.query_timeout = query_timeout
         self._id = new_id()[:12]
         self._reply_to = reply_topic(self.settings.namespace, self._id)
-        self._broker = create_broker(self.settings)
+        self._owns_broker = broker is None
+        self._broker = broker or create_broker(self.settings)
         self._waiting: dict[str, asyncio.Future] = {}
         self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()
         self._answers: dict[str, asyncio.Future] = {}
@@ -136,11 +145,13 @@ class Client:
         await self.close()
 
     async def start(self) -> None:
-        await self._broker.start()
-        await declare_system_queues(self._broker, self.settings)
+        if self._owns_broker:
+            await self._broker.start()
+            await declare_system_queues(self._broker, self.settings)
 
     async def close(self) -> None:
-        await self._broker.stop()
+        if self._owns_broker:
+            await self._broker.stop()
 
     async def _on_reply(self, body: bytes) -> None:
         try:
@@ -297,6 +308,15 @@ class Client:
     async def set_session_state(self, session_id: str, state: dict[str, Any]) -> dict[str, Any]:
         return await self._ask(Query(kind="set_session_state", session_id=session_id,
                                      state=state, reply_to=self._reply_to))
+
+    async def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
+        """Cancel a task and its inner tasks; False if it had already ended."""
+        cancel = CancelTask(task_id=task_id, reason=reason, reply_to=self._reply_to)
+        message = CancelTaskMessage(type=CONTROL_PLANE, publisher_id=self.publisher_id,
+                                    data=cancel)
+        answer = await self._request(message, topic(self.settings.namespace, CONTROL_PLANE),
+                                     "cancel", key=task_id)
+        return answer["cancelled"]
 
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
         """The control plane's record of a task, or None if it has none."""

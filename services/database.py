@@ -153,7 +153,9 @@ dispatches = Table(
     Column("task_id", String(200), primary_key=True),
     Column("service", String(100), nullable=False, index=True),
     Column("attempt", Integer, nullable=False),
+    Column("parent_task_id", String(200), index=True),
     Column("finished", Boolean, nullable=False, default=False),
+    Column("cancelled", Boolean, nullable=False, default=False),
     Column("dispatched_at", UTCDateTime(), nullable=False),
 )
 

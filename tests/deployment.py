@@ -19,6 +19,7 @@ SERVICES = {
     "slow": "conveyor.services.examples.slow:workflow",
     "counter": "conveyor.services.examples.counter:workflow",
     "greeter": "conveyor.services.examples.greeter:workflow",
+    "outer": "conveyor.services.examples.nested:workflow",
     "recorded": "sample_workflows:recorded",
     "unserializable": "sample_workflows:unserializable",
 }
@@ -68,6 +69,12 @@ class Deployment:
         process = self.processes.pop(part)
         process.send_signal(signal.SIGKILL)
         process.wait()
+
+    def stop_part(self, part: str) -> None:
+        """Stop one part as an operator would (SIGTERM), and wait until it has."""
+        process = self.processes.pop(part)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
 
     def stop(self) -> None:
         for process in self.processes.values():

@@ -7,11 +7,11 @@ import uuid
 import pytest
 from workflows.events import HumanResponseEvent
 
-from conveyor import QueryFailed
+from conveyor import QueryFailed, TaskCancelled, TaskFailed
 
-from .deployment import Deployment, serving
+from .deployment import Deployment, eventually, serving
 
-SERVICES = ("echo", "counter", "greeter")
+SERVICES = ("echo", "counter", "greeter", "outer")
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,83 @@ async def test_an_event_type_the_workflow_does_not_take_is_refused_and_it_keeps_
         await client.send_event(task_id, {"type": "HumanResponseEvent",
                                           "value": {"response": "Cy"}})
         assert await client.result(task_id, timeout=30) == "hello, Cy"
+
+
+# Nested workflows
+
+
+async def test_an_outer_step_runs_the_inner_workflow_on_its_own_service(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("outer", message="hi")
+        result = await client.result(task_id, timeout=30)
+        assert result == {"outer": "done", "inner": {"echo": {"message": "hi"}}}
+        inner = await client.list_tasks(service="echo", limit=1000)
+        children = [t for t in inner if t["parent_task_id"] == task_id]
+        assert len(children) == 1
+        assert children[0]["status"] == "completed"
+        assert children[0]["result"] == {"echo": {"message": "hi"}}
+
+
+async def test_an_inner_failure_fails_the_outer_task_with_the_inner_error(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        with pytest.raises(TaskFailed) as failed:
+            await client.run("outer", fail="inner trouble", timeout=30)
+        assert failed.value.error.type == "TaskFailed"
+        assert "EchoFailed: inner trouble" in failed.value.error.message
+
+
+# Cancelling
+
+
+async def test_cancelling_a_running_task_stops_it_promptly(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("echo", events=100, pause=0.3)
+        stream = client.stream(task_id)
+        await anext(stream)  # it is running
+        await stream.aclose()
+        assert await client.cancel(task_id) is True
+        with pytest.raises(TaskCancelled):
+            await client.result(task_id, timeout=10)
+        assert await client.cancel(task_id) is False  # it has ended already
+        assert await stopped_streaming(client, task_id)
+
+
+async def stopped_streaming(client, task_id: str) -> bool:
+    """No event is stored for the task any more (it streamed one every 0.3 s)."""
+    before = [item.index async for item in client.stream(task_id)]
+    await asyncio.sleep(1.5)
+    after = [item.index async for item in client.stream(task_id)]
+    return after == before
+
+
+async def test_cancelling_the_outer_task_cancels_the_inner_one(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        task_id = await client.run_nowait("outer", events=100, pause=0.3)
+
+        async def inner_task():
+            found = [t for t in await client.list_tasks(service="echo", limit=1000)
+                     if t["parent_task_id"] == task_id]
+            return found[0]["task_id"] if found else None
+
+        inner_id = await eventually(inner_task)
+        assert await client.cancel(task_id) is True
+        outcome = await client.wait(inner_id, timeout=15)
+        assert outcome.status == "cancelled"
+        assert task_id in outcome.error.message
+        assert await stopped_streaming(client, inner_id)
+
+
+async def test_a_cancelled_task_waiting_in_the_queue_never_starts(fresh_deployment, tmp_path):
+    deployment = fresh_deployment
+    deployment.start("control-plane", "orchestrator", "recorded")
+    await deployment.ready("recorded")
+    deployment.stop_part("recorded")  # its tasks now wait on the service's queue
+    runs = tmp_path / "runs.log"
+    async with deployment.client() as client:
+        task_id = await client.run_nowait("recorded", log=str(runs), tag="cancelled")
+        await eventually(lambda: client.status(task_id))
+        assert await client.cancel(task_id) is True
+        deployment.start("recorded")
+        await client.run("recorded", log=str(runs), tag="after", timeout=60)
+        assert (await client.wait(task_id)).status == "cancelled"
+    assert runs.read_text() == "after\n"

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import (
     FINAL_STATUSES,
+    CancelTaskMessage,
     CompletedTask,
     CompletedTaskMessage,
     DeadLetterMessage,
@@ -95,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
                                  outcome.task_id)
                     else:
                         await _tell_outcome(broker, settings, message, waiting)
+                case CancelTaskMessage():
+                    return  # the orchestrator's to act on; the outcome comes back here
                 case _:
                     await rejected(body, source, InvalidMessage(
                         f"action {message.action.value!r} is not taken on {source}"))

@@ -81,6 +81,8 @@ async def record_outcome(
 ) -> list[dict[str, str]] | None:
     """Store a task's outcome once; returns the watchers to tell, or None if already final.
 
+    An outcome without reply_to gets the one the task was started with.
+
     Each watcher is {"reply_to", "request_id", "kind"}: "outcome" watchers wait for the end,
     "stream" watchers follow the events and then the end.
     """
@@ -112,6 +114,11 @@ async def record_outcome(
     )
     if stored.rowcount == 0:
         return None
+    if outcome.reply_to is None:
+        # An outcome the orchestrator made (a cancellation) goes where the task asked too.
+        outcome.reply_to = (
+            await conn.execute(select(tasks.c.reply_to).where(tasks.c.task_id == outcome.task_id))
+        ).scalar_one_or_none()
     waiting = (
         await conn.execute(select(watchers).where(watchers.c.task_id == outcome.task_id))
     ).all()

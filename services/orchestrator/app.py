@@ -3,6 +3,8 @@
 It reads the front door beside the control plane: a NEW_TASK for a registered service is
 dispatched once (the task id is the key) to that service's topic, where its replicas
 compete for it; a NEW_TASK for a service nobody registered is failed with UnknownService.
+A CANCEL_TASK ends a task as cancelled, stops the instance running it and cancels its inner
+tasks.
 """
 
 import logging
@@ -13,6 +15,8 @@ from faststream import FastStream
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import (
+    CancelTask,
+    CancelTaskMessage,
     CompletedTask,
     CompletedTaskMessage,
     DispatchTask,
@@ -21,13 +25,16 @@ from conveyor.contracts import (
     InvalidMessage,
     NewTask,
     NewTaskMessage,
+    QueryResult,
+    QueryResultMessage,
     RegisterServiceMessage,
     TaskError,
+    broadcast_topic,
     parse_message,
     service_topic,
     topic,
 )
-from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
+from conveyor.contracts.topics import CONTROL_PLANE, QUERY, REGISTRY
 
 from .. import database
 from ..bus import create_broker, declare_system_queues, publish, subscribe_system
@@ -58,7 +65,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def dispatch(task: NewTask) -> None:
         async with engine.begin() as conn:
-            if not await state.claim_first_dispatch(conn, task.task_id, task.service):
+            if not await state.claim_first_dispatch(conn, task.task_id, task.service,
+                                                    task.parent_task_id):
                 log.info("task %s was dispatched before; duplicate ignored", task.task_id)
                 return
             message = DispatchTaskMessage(
@@ -102,6 +110,41 @@ def create_app(settings: Settings | None = None) -> FastStream:
             case CompletedTaskMessage(data=outcome):
                 async with engine.begin() as conn:
                     await state.mark_finished(conn, outcome.task_id)
+            case CancelTaskMessage():
+                await cancel(message)
+
+    async def cancel(message: CancelTaskMessage) -> None:
+        """End a task as cancelled: record the outcome, stop the instance running it (if
+        any), cancel its inner tasks, and tell whoever asked."""
+        request = message.data
+        async with engine.begin() as conn:
+            found = await state.cancel(conn, request.task_id)
+            if found.cancelled_now:
+                # Published inside the transaction: the cancellation commits once they are out.
+                outcome = CompletedTask(
+                    task_id=request.task_id, service=found.service, status="cancelled",
+                    error=TaskError(type="TaskCancelled", message=request.reason),
+                )
+                await publish(broker, settings, CompletedTaskMessage(
+                    type=CONTROL_PLANE, publisher_id=publisher_id, data=outcome),
+                    topic(ns, CONTROL_PLANE), key=request.task_id)
+                await publish(broker, settings, message, broadcast_topic(ns, found.service),
+                              partition=0)
+                for child in found.children:
+                    inner = CancelTask(task_id=child, reason=f"its outer task {request.task_id} "
+                                       f"was cancelled: {request.reason}")
+                    await publish(broker, settings, CancelTaskMessage(
+                        type=CONTROL_PLANE, publisher_id=publisher_id, data=inner),
+                        topic(ns, CONTROL_PLANE), key=child)
+        if request.reply_to:
+            answer = QueryResult(request_id=message.id,
+                                 result={"task_id": request.task_id,
+                                         "cancelled": found.cancelled_now})
+            if not found.found:
+                answer = QueryResult(request_id=message.id, error=TaskError(
+                    type="UnknownTask", message=f"no task {request.task_id!r} was dispatched"))
+            await publish(broker, settings, QueryResultMessage(
+                type=QUERY, publisher_id=publisher_id, data=answer), request.reply_to)
 
     @subscribe_system(broker, settings, REGISTRY, "orchestrator")
     async def on_registry(body: bytes) -> None:

@@ -16,7 +16,9 @@ import uuid
 from faststream import FastStream
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor.client import Client
 from conveyor.contracts import (
+    CancelTaskMessage,
     CompletedTask,
     CompletedTaskMessage,
     DeregisterService,
@@ -39,12 +41,14 @@ from conveyor.contracts import (
     topic,
 )
 from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
+from conveyor.remote import Caller, current_caller
 
-from .. import database, inbox, sessions
+from .. import database, sessions
 from ..bus import create_broker, declare_system_queues, publish, subscribe
 from ..dead_letters import reject
 from ..settings import ConfigurationError, load
 from .settings import RuntimeSettings
+from .starting_point import starting_point
 from .task_run import EventNotAccepted, TaskRun, accepted_events
 from .worker import describe, load_workflow
 
@@ -64,6 +68,9 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     accepted = accepted_events(workflow)
     running: dict[str, int] = {}
     holding: dict[str, TaskRun] = {}
+    runs: dict[str, asyncio.Task] = {}
+    # Nested workflows: inner tasks are started and awaited over this service's connection.
+    caller = Client(settings=settings, broker=broker, publisher_id=instance_id)
     heartbeats: asyncio.Task | None = None
     engine: AsyncEngine | None = None
 
@@ -90,38 +97,43 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         )
         running[task.task_id] = dispatch.attempt
         try:
-            state, sent = await starting_point(task)
+            async with engine.connect() as conn:
+                start = await starting_point(conn, task)
+            if start.cancelled:
+                log.info("task %s was cancelled before it started", task.task_id)
+                return
             holding[task.task_id] = task_run = TaskRun(
-                workflow, task, stream, accepted=accepted, state=state
+                workflow, task, stream, accepted=accepted, state=start.state
             )
-            for item in sent:
+            for item in start.sent:
                 deliver(task_run, item["seq"], item["event"], item["step"])
-            outcome.result = await task_run.run()
+            token = current_caller.set(Caller(caller, task))
+            try:
+                runs[task.task_id] = runner = asyncio.create_task(task_run.run())
+            finally:
+                current_caller.reset(token)
+            outcome.result = await runner
             if task.session_id:
                 async with engine.begin() as conn:
                     await sessions.save_context_state(conn, task.session_id,
                                                       task_run.context_state())
         except asyncio.CancelledError:
-            raise
+            if asyncio.current_task().cancelling():
+                raise  # this service is stopping
+            log.info("task %s cancelled", task.task_id)
+            return  # cancelled on request: the orchestrator has recorded the outcome
         except Exception as exc:  # the step's failure is the task's outcome, never a crash
             log.info("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
             outcome.status, outcome.error = "failed", describe(exc)
         finally:
             running.pop(task.task_id, None)
             holding.pop(task.task_id, None)
+            runs.pop(task.task_id, None)
         outcome.events = index
         await emit(
             CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome),
             topic(ns, CONTROL_PLANE), task.task_id,
         )
-
-    async def starting_point(task) -> tuple[dict | None, list[dict]]:
-        """The session state a task starts from and the events already sent into it."""
-        async with engine.connect() as conn:
-            state = None
-            if task.session_id:
-                state = await sessions.load_context_state(conn, task.session_id)
-            return state, await inbox.sent_events(conn, task.task_id)
 
     def deliver(task_run: TaskRun, seq: int, event, step: str | None) -> None:
         try:
@@ -136,10 +148,15 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except InvalidMessage as exc:
             log.warning("unreadable message on %s: %s", broadcast_topic(ns, name), exc)
             return
-        if isinstance(message, SendEventMessage) and message.data.seq is not None:
-            task_run = holding.get(message.data.task_id)
-            if task_run is not None:
-                deliver(task_run, message.data.seq, message.data.event, message.data.step)
+        match message:
+            case SendEventMessage(data=sent) if sent.seq is not None:
+                task_run = holding.get(sent.task_id)
+                if task_run is not None:
+                    deliver(task_run, sent.seq, sent.event, sent.step)
+            case CancelTaskMessage(data=cancel):
+                runner = runs.get(cancel.task_id)
+                if runner is not None:
+                    runner.cancel()
 
     @subscribe(broker, settings, own_topic, own_topic, concurrency=settings.max_concurrent_tasks)
     async def on_dispatch(body: bytes) -> None:
