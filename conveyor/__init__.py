@@ -1,6 +1,7 @@
 """Conveyor: LlamaIndex workflows as broker-native microservices over RabbitMQ or Kafka."""
 
 from .client import BlockingClient, Client, QueryFailed, TaskCancelled, TaskFailed, TaskOutcome
+from .deploy import deploy_core, deploy_workflow
 from .remote import RemoteWorkflow, remote_workflow
 
 __all__ = [
@@ -11,5 +12,7 @@ __all__ = [
     "TaskCancelled",
     "TaskFailed",
     "TaskOutcome",
+    "deploy_core",
+    "deploy_workflow",
     "remote_workflow",
 ]

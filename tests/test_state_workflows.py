@@ -1,0 +1,325 @@
+"""Sessions, events sent into tasks, stream watchers, cancellation and a task's starting point,
+against real SQLite and PostgreSQL (the `engine` fixture of test_state.py: every test runs on
+both).
+"""
+
+import pytest
+from workflows import Context
+
+from conveyor.contracts import EventEnvelope, RegisterService, SendEvent, TaskStream
+from conveyor.services import database, sessions
+from conveyor.services.control_plane import state
+from conveyor.services.examples.counter import workflow as counter
+from conveyor.services.orchestrator import state as orchestrator_state
+from conveyor.services.runtime.starting_point import starting_point
+
+from . import test_state
+from .test_state import count, new_task, outcome
+
+# The same fixtures as test_state.py: a store emptied before each test, on each backend.
+engine = test_state.engine
+postgres_url = test_state.postgres_url
+
+
+# Sessions
+
+
+async def test_a_session_is_created_with_a_generated_or_the_given_id(engine):
+    async with engine.begin() as conn:
+        generated = await sessions.create(conn)
+        given = await sessions.create(conn, "s1")
+    assert generated["session_id"] and generated["session_id"] != "s1"
+    assert given["session_id"] == "s1"
+    assert given["state"] == {}
+    assert given["created_at"] and given["updated_at"]
+
+
+async def test_creating_a_session_twice_keeps_one_and_its_state(engine):
+    async with engine.begin() as conn:
+        await sessions.create(conn, "s1")
+        await sessions.set_state(conn, "s1", {"count": 3})
+    async with engine.begin() as conn:
+        again = await sessions.create(conn, "s1")
+    assert again["state"] == {"count": 3}
+    assert await count(engine, database.sessions) == 1
+
+
+async def test_an_unknown_session_is_none(engine):
+    async with engine.begin() as conn:
+        assert await sessions.get(conn, "never-made") is None
+
+
+async def test_sessions_are_listed_newest_first(engine):
+    for session_id in ("s1", "s2", "s3"):
+        async with engine.begin() as conn:
+            await sessions.create(conn, session_id)
+    async with engine.begin() as conn:
+        assert [s["session_id"] for s in await sessions.list_all(conn, 10)] == ["s3", "s2", "s1"]
+        assert [s["session_id"] for s in await sessions.list_all(conn, 2)] == ["s3", "s2"]
+
+
+async def test_a_session_is_deleted_once(engine):
+    async with engine.begin() as conn:
+        await sessions.create(conn, "s1")
+    async with engine.begin() as conn:
+        assert await sessions.delete_one(conn, "s1") is True
+    async with engine.begin() as conn:
+        assert await sessions.delete_one(conn, "s1") is False
+        assert await sessions.get(conn, "s1") is None
+
+
+async def test_a_state_set_is_read_back_as_the_same_plain_dict(engine):
+    nested = {"count": 1, "name": "ada", "tags": ["a", "b"], "deep": {"x": [1, {"y": None}]},
+              "ratio": 0.5, "ok": True}
+    assert sessions.plain_state(sessions.stored_state(nested)) == nested
+    async with engine.begin() as conn:
+        # Setting the state of a session not created yet creates it.
+        await sessions.set_state(conn, "s1", nested)
+    async with engine.begin() as conn:
+        assert (await sessions.get(conn, "s1"))["state"] == nested
+
+
+def test_a_state_that_is_not_json_is_refused():
+    with pytest.raises(ValueError, match="session state must be JSON"):
+        sessions.stored_state({"when": object()})
+
+
+async def test_a_workflows_context_state_is_saved_and_loaded_unchanged(engine):
+    ctx = Context(counter)
+    assert await counter.run(ctx=ctx) == 1
+    document = ctx.to_dict()["state"]
+    async with engine.begin() as conn:
+        assert await sessions.load_context_state(conn, "s1") is None
+        await sessions.save_context_state(conn, "s1", document)
+    async with engine.begin() as conn:
+        assert await sessions.load_context_state(conn, "s1") == document
+        assert (await sessions.get(conn, "s1"))["state"] == {"count": 1}
+
+
+async def test_a_workflow_run_in_a_session_counts_on_from_its_stored_state(engine):
+    async with engine.begin() as conn:
+        await sessions.set_state(conn, "s1", {"count": 41})
+    async with engine.begin() as conn:
+        stored = await sessions.load_context_state(conn, "s1")
+    assert stored == sessions.stored_state({"count": 41})
+
+    ctx = Context.from_dict(counter, {"state": stored})
+    assert await counter.run(ctx=ctx) == 42
+
+    async with engine.begin() as conn:
+        await sessions.save_context_state(conn, "s1", ctx.to_dict()["state"])
+    async with engine.begin() as conn:
+        assert (await sessions.get(conn, "s1"))["state"] == {"count": 42}
+
+
+# Events sent into a task
+
+
+def sent(task_id: str = "t1", type: str = "Approval", qualified_name: str | None = "app.Approval",
+         step: str | None = None) -> SendEvent:
+    event = EventEnvelope(type=type, qualified_name=qualified_name, value={"ok": True})
+    return SendEvent(task_id=task_id, event=event, step=step)
+
+
+async def registered_task(conn, task_id: str = "t1", **fields) -> None:
+    """A queued task of service echo, which declared the events Approval and Reply."""
+    await state.record_registration(
+        conn, RegisterService(service="echo", instance_id="echo-1",
+                              event_types=["app.Approval", "app.Reply"])
+    )
+    await state.record_new_task(conn, new_task(task_id, **fields), "publisher")
+
+
+async def test_an_event_for_an_unknown_task_is_refused(engine):
+    async with engine.begin() as conn:
+        with pytest.raises(state.EventRefused, match="no task 'nope'"):
+            await state.record_sent_event(conn, sent("nope"), "m1")
+
+
+async def test_an_event_for_a_task_that_has_ended_is_refused(engine):
+    async with engine.begin() as conn:
+        await registered_task(conn)
+        await state.record_outcome(conn, outcome())
+    async with engine.begin() as conn:
+        with pytest.raises(state.EventRefused, match=r"'t1' has already ended \(completed\)"):
+            await state.record_sent_event(conn, sent(), "m1")
+
+
+@pytest.mark.parametrize(
+    "type_, qualified_name",
+    [("Other", "app.Other"), ("Approval", "elsewhere.Approval"), ("Other", None)],
+)
+async def test_an_event_type_the_service_did_not_declare_is_refused(engine, type_,
+                                                                    qualified_name):
+    async with engine.begin() as conn:
+        await registered_task(conn)
+    async with engine.begin() as conn:
+        with pytest.raises(state.EventRefused,
+                           match=r"service 'echo' accepts \(it accepts: Approval, Reply\)"):
+            await state.record_sent_event(conn, sent(type=type_, qualified_name=qualified_name),
+                                          "m1")
+    assert await count(engine, database.inbox) == 0
+
+
+async def test_declared_events_are_accepted_and_numbered_per_task(engine):
+    async with engine.begin() as conn:
+        await registered_task(conn, "t1")
+        await registered_task(conn, "t2")
+    async with engine.begin() as conn:
+        assert await state.record_sent_event(conn, sent("t1"), "m1") == 1
+        # Without a qualified name, the bare type name is matched.
+        assert await state.record_sent_event(conn, sent("t1", "Reply", None), "m2") == 2
+        assert await state.record_sent_event(conn, sent("t2"), "m3") == 1
+        assert await state.record_sent_event(conn, sent("t1", step="review"), "m4") == 3
+
+
+async def test_the_same_sent_message_twice_is_kept_once(engine):
+    async with engine.begin() as conn:
+        await registered_task(conn)
+        assert await state.record_sent_event(conn, sent(), "m1") == 1
+    async with engine.begin() as conn:
+        assert await state.record_sent_event(conn, sent(), "m1") == 1
+        assert await state.record_sent_event(conn, sent(), "m2") == 2
+    assert await count(engine, database.inbox) == 2
+
+
+# Following a task's stream
+
+
+def streamed(index: int, task_id: str = "t1") -> TaskStream:
+    event = EventEnvelope(type="Progress", qualified_name="app.Progress", value={"i": index})
+    return TaskStream(task_id=task_id, index=index, event=event)
+
+
+async def test_the_stream_of_an_unknown_task_is_nothing(engine):
+    async with engine.begin() as conn:
+        assert await state.watch_stream(conn, "nope", "replies", "req-1", after=-1) == (None, [])
+    assert await count(engine, database.watchers) == 0
+
+
+async def test_a_running_tasks_stream_gives_the_later_events_then_follows_it(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "publisher")
+        for index in (2, 0, 1):
+            await state.append_event(conn, streamed(index))
+        await state.append_event(conn, streamed(5, task_id="t2"))
+    async with engine.begin() as conn:
+        record, events = await state.watch_stream(conn, "t1", "replies", "req-1", after=0)
+    assert (record["task_id"], record["status"]) == ("t1", "queued")
+    assert [e["index"] for e in events] == [1, 2]
+    assert events[0]["event"]["value"] == {"i": 1}
+    async with engine.begin() as conn:
+        assert await state.stream_watchers(conn, "t1") == ["replies"]
+
+    async with engine.begin() as conn:
+        told = await state.record_outcome(conn, outcome())
+    assert told == [{"reply_to": "replies", "request_id": "req-1", "kind": "stream"}]
+    async with engine.begin() as conn:
+        assert await state.stream_watchers(conn, "t1") == []
+
+
+async def test_a_finished_tasks_stream_is_returned_without_following_it(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(), "publisher")
+        await state.append_event(conn, streamed(0))
+        await state.record_outcome(conn, outcome())
+    async with engine.begin() as conn:
+        record, events = await state.watch_stream(conn, "t1", "replies", "req-1", after=-1)
+        assert record["status"] == "completed"
+        assert [e["index"] for e in events] == [0]
+        assert await state.stream_watchers(conn, "t1") == []
+    assert await count(engine, database.watchers) == 0
+
+
+async def test_an_outcome_without_reply_to_goes_where_the_task_asked(engine):
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task(reply_to="client-replies"), "publisher")
+    finished = outcome()
+    async with engine.begin() as conn:
+        await state.record_outcome(conn, finished)
+    assert finished.reply_to == "client-replies"
+
+
+# Cancelling a dispatched task
+
+
+async def test_cancelling_a_task_never_dispatched_finds_nothing(engine):
+    async with engine.begin() as conn:
+        cancellation = await orchestrator_state.cancel(conn, "nope")
+    assert (cancellation.found, cancellation.cancelled_now) == (False, False)
+
+
+async def test_cancelling_a_dispatched_task_ends_it_once(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+    async with engine.begin() as conn:
+        first = await orchestrator_state.cancel(conn, "t1")
+    async with engine.begin() as conn:
+        second = await orchestrator_state.cancel(conn, "t1")
+    assert (first.found, first.cancelled_now, first.service) == (True, True, "echo")
+    assert (second.found, second.cancelled_now, second.service) == (True, False, "echo")
+
+
+async def test_cancelling_a_task_lists_its_unfinished_children(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "parent", "outer")
+        await orchestrator_state.claim_first_dispatch(conn, "running", "inner", "parent")
+        await orchestrator_state.claim_first_dispatch(conn, "done", "inner", "parent")
+        await orchestrator_state.claim_first_dispatch(conn, "grandchild", "inner", "running")
+        await orchestrator_state.claim_first_dispatch(conn, "unrelated", "inner")
+        await orchestrator_state.mark_finished(conn, "done")
+    async with engine.begin() as conn:
+        cancellation = await orchestrator_state.cancel(conn, "parent")
+    assert cancellation.children == ["running"]
+
+
+async def test_cancelling_a_task_that_already_finished_changes_nothing(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await orchestrator_state.mark_finished(conn, "t1")
+    async with engine.begin() as conn:
+        cancellation = await orchestrator_state.cancel(conn, "t1")
+    assert (cancellation.found, cancellation.cancelled_now) == (True, False)
+
+
+# Where a worker starts a task from
+
+
+async def test_a_task_cancelled_while_queued_starts_as_cancelled(engine):
+    async with engine.begin() as conn:
+        await sessions.set_state(conn, "s1", {"count": 41})
+        await registered_task(conn, session_id="s1")
+        await state.record_sent_event(conn, sent(), "m1")
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await orchestrator_state.cancel(conn, "t1")
+    async with engine.begin() as conn:
+        point = await starting_point(conn, new_task(session_id="s1"))
+    assert (point.cancelled, point.state, point.sent) == (True, None, [])
+
+
+async def test_a_task_starts_from_its_session_state_and_its_inbox_in_order(engine):
+    async with engine.begin() as conn:
+        await sessions.set_state(conn, "s1", {"count": 41})
+        await registered_task(conn, session_id="s1")
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await state.record_sent_event(conn, sent(), "m1")
+        await state.record_sent_event(conn, sent(type="Reply", qualified_name="app.Reply",
+                                                 step="review"), "m2")
+    async with engine.begin() as conn:
+        point = await starting_point(conn, new_task(session_id="s1"))
+    assert point.cancelled is False
+    assert point.state == sessions.stored_state({"count": 41})
+    assert [(e["seq"], e["event"]["type"], e["step"]) for e in point.sent] == [
+        (1, "Approval", None), (2, "Reply", "review"),
+    ]
+    assert point.sent[0]["event"] == {"type": "Approval", "types": None,
+                                      "qualified_name": "app.Approval", "value": {"ok": True}}
+
+
+async def test_a_task_without_a_session_starts_with_no_state(engine):
+    async with engine.begin() as conn:
+        await sessions.set_state(conn, "s1", {"count": 41})
+        await registered_task(conn)
+    async with engine.begin() as conn:
+        point = await starting_point(conn, new_task())
+    assert (point.cancelled, point.state, point.sent) == (False, None, [])
