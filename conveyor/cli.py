@@ -138,6 +138,11 @@ def _client_call(action: Callable[[Any], Any]) -> Any:
     return _run_loop(go())
 
 
+def _print_line(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
@@ -149,6 +154,8 @@ def publish(
     session: Annotated[str | None, typer.Option("--session", help="session id")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", help="idempotency key")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait and print the result")] = False,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="print each event as a JSON line as it comes, then the result")] = False,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait at most")] = None,
 ) -> None:
     """Publish a NEW_TASK; print its task id, or with --wait its result."""
@@ -162,7 +169,11 @@ def publish(
 
     async def go(client):
         new_id = await client.run_nowait(service, session_id=session, task_id=task_id, **arguments)
-        if not wait:
+        if stream:
+            async with asyncio.timeout(timeout):
+                async for item in client.stream(new_id):
+                    _print_line({"index": item.index, "event": item.event.model_dump()})
+        elif not wait:
             return new_id
         try:
             return await client.result(new_id, timeout=timeout)
@@ -170,7 +181,7 @@ def publish(
             fail(exc)
 
     result = _client_call(go)
-    if wait:
+    if wait or stream:
         _print_json(result)
     else:
         sys.stdout.write(f"{result}\n")
@@ -216,6 +227,48 @@ def tasks_show(task_id: str) -> None:
     if found is None:
         fail(f"no task {task_id!r}")
     _print_json(found)
+
+
+@tasks_app.command("events")
+def tasks_events(
+    task_id: str,
+    after: Annotated[int, typer.Option(help="only the events after this index")] = -1,
+) -> None:
+    """Print a task's streamed events as JSON lines, from the durable log and then live."""
+
+    async def go(client):
+        async for item in client.stream(task_id, after=after):
+            _print_line({"index": item.index, "event": item.event.model_dump()})
+
+    _client_call(go)
+
+
+@tasks_app.command("send-event")
+def tasks_send_event(
+    task_id: str,
+    event_type: Annotated[str, typer.Argument(help="the event's type, e.g. HumanResponseEvent")],
+    value: Annotated[str, typer.Option("--value", help="the event's fields, as JSON")] = "{}",
+) -> None:
+    """Send an event into a running task (human in the loop)."""
+    try:
+        fields = json.loads(value)
+    except json.JSONDecodeError as exc:
+        fail(f"--value is not JSON: {exc}")
+    seq = _client_call(lambda client: client.send_event(
+        task_id, {"type": event_type, "value": fields}))
+    sys.stdout.write(f"sent as event {seq} of task {task_id}\n")
+
+
+@tasks_app.command("cancel")
+def tasks_cancel(
+    task_id: str,
+    reason: Annotated[str, typer.Option(help="why, kept with the task")] = "cancelled by request",
+) -> None:
+    """Cancel a task (and its inner tasks): queued, it never starts; running, it stops."""
+    if _client_call(lambda client: client.cancel(task_id, reason=reason)):
+        sys.stdout.write(f"cancelled {task_id}\n")
+    else:
+        sys.stdout.write(f"{task_id} had already ended\n")
 
 
 @tasks_app.command("dead-letters")

@@ -90,6 +90,11 @@ class Deployment:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                          for p in sorted(self.workdir.glob("*.log")))
 
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`conveyor ARGS...` against this deployment, as from a shell."""
+        return subprocess.run([sys.executable, "-m", "conveyor", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
     def client(self) -> Client:
         return Client(self.broker_url, self.namespace)
 

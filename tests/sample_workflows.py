@@ -1,9 +1,10 @@
 """Workflows the integration tests serve; importable by the service processes (PYTHONPATH)."""
 
 from pathlib import Path
+from typing import Any
 
-from workflows import Workflow, step
-from workflows.events import StartEvent, StopEvent
+from workflows import Context, Workflow, step
+from workflows.events import Event, StartEvent, StopEvent
 
 
 class RecordedRun(Workflow):
@@ -16,9 +17,17 @@ class RecordedRun(Workflow):
         return StopEvent(result={"tag": ev.get("tag")})
 
 
+class Opaque(Event):
+    thing: Any
+
+
 class Unserializable(Workflow):
+    """Returns what JSON cannot hold; with `in_event`, streams it first."""
+
     @step
-    async def give(self, ev: StartEvent) -> StopEvent:
+    async def give(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        if ev.get("in_event"):
+            ctx.write_event_to_stream(Opaque(thing=object()))
         return StopEvent(result=object())
 
 

@@ -85,7 +85,13 @@ async def test_unserializable_result_fails_the_task_and_the_service_keeps_servin
         with pytest.raises(TaskFailed) as raised:
             await client.run("unserializable", timeout=30)
         assert raised.value.error.type == "ResultNotSerializable"
+        with pytest.raises(TaskFailed) as raised:
+            await client.run("unserializable", in_event=True, timeout=30)
+        assert raised.value.error.type == "ResultNotSerializable"
+        assert "event Opaque cannot be sent as JSON" in raised.value.error.message
         assert await client.run("echo", timeout=30, after="it") == {"echo": {"after": "it"}}
+        again = await client.wait(await client.run_nowait("unserializable"), timeout=30)
+        assert again.error.type == "ResultNotSerializable"  # the service itself still serves
 
 
 async def test_services_lists_registered_instances(deployment):

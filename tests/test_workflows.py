@@ -2,6 +2,7 @@
 sessions. Real processes, real brokers, real llama-index-workflows workflows."""
 
 import asyncio
+import json
 import uuid
 
 import pytest
@@ -228,3 +229,47 @@ async def test_a_cancelled_task_waiting_in_the_queue_never_starts(fresh_deployme
         await client.run("recorded", log=str(runs), tag="after", timeout=60)
         assert (await client.wait(task_id)).status == "cancelled"
     assert runs.read_text() == "after\n"
+
+
+# The same from the shell
+
+
+def test_cli_publish_stream_prints_each_event_then_the_result(workflows_deployment):
+    done = workflows_deployment.cli("publish", "echo", "--input", '{"events": 2}', "--stream",
+                                    "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    events = [json.loads(line) for line in lines[:2]]
+    assert [e["index"] for e in events] == [0, 1]
+    assert [e["event"]["value"]["step"] for e in events] == [1, 2]
+    assert json.loads("\n".join(lines[2:])) == {"echo": {"events": 2}}
+
+
+async def test_cli_answers_cancels_and_replays_a_waiting_task(workflows_deployment):
+    async with workflows_deployment.client() as client:
+        asked = await client.run_nowait("greeter")
+        stream = client.stream(asked)
+        await anext(stream)
+        await stream.aclose()
+        done = await asyncio.to_thread(
+            workflows_deployment.cli, "tasks", "send-event", asked, "HumanResponseEvent",
+            "--value", '{"response": "Di"}')
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"sent as event 1 of task {asked}\n"
+        assert await client.result(asked, timeout=30) == "hello, Di"
+
+        waiting = await client.run_nowait("greeter")
+        done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "cancel", waiting)
+        assert done.stdout == f"cancelled {waiting}\n"
+        assert (await client.wait(waiting, timeout=10)).status == "cancelled"
+
+    done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "events", asked)
+    assert done.returncode == 0, done.stderr
+    [question] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert question["event"]["type"] == "InputRequiredEvent"
+
+
+def test_cli_send_event_to_an_unknown_task_fails_with_the_reason(workflows_deployment):
+    done = workflows_deployment.cli("tasks", "send-event", "no-such-task", "Bogus")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "conveyor: QueryFailed: EventRefused: no task 'no-such-task'"
