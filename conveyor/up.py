@@ -20,6 +20,9 @@ from conveyor.services.settings import load
 EXAMPLES = [
     "echo=conveyor.services.examples.echo:workflow",
     "slow=conveyor.services.examples.slow:workflow",
+    "counter=conveyor.services.examples.counter:workflow",
+    "greeter=conveyor.services.examples.greeter:workflow",
+    "outer=conveyor.services.examples.nested:workflow",
 ]
 GRACE_SECONDS = 15
 READY_SECONDS = 120

@@ -12,6 +12,8 @@ from conveyor.contracts import (
     MAX_MESSAGE_BYTES,
     TYPED_MESSAGES,
     Action,
+    CancelTask,
+    CancelTaskMessage,
     CompletedTask,
     CompletedTaskMessage,
     DeadLetter,
@@ -261,7 +263,13 @@ SAMPLES = {
         ),
     ),
     SendEventMessage: SendEventMessage(
-        type="my_workflow", data=SendEvent(task_id="t-1", event=EVENT)
+        type="control_plane",
+        data=SendEvent(task_id="t-1", event=EVENT, step="ask", reply_to="conveyor.reply.c-1",
+                       seq=2),
+    ),
+    CancelTaskMessage: CancelTaskMessage(
+        type="control_plane",
+        data=CancelTask(task_id="t-1", reason="not needed", reply_to="conveyor.reply.c-1"),
     ),
     CompletedTaskMessage: CompletedTaskMessage(
         type="control_plane",
@@ -272,12 +280,14 @@ SAMPLES = {
             result={"partial": [1, 2]},
             error=ERROR,
             attempt=3,
+            events=7,
         ),
     ),
     RegisterServiceMessage: RegisterServiceMessage(
         type="registry",
         data=RegisterService(
-            service="my_workflow", instance_id="i-1", host="h", pid=42, workflow="app:workflow"
+            service="my_workflow", instance_id="i-1", host="h", pid=42, workflow="app:workflow",
+            event_types=["workflows.events.HumanResponseEvent"],
         ),
     ),
     HeartbeatMessage: HeartbeatMessage(

@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+from conveyor.up import EXAMPLES
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -32,7 +34,7 @@ def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(broker, request, t
     try:
         lines: list[str] = []
         threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True).start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not any(line.startswith("running") for line in lines):
             assert time.monotonic() < deadline, "conveyor up did not start:\n" + "".join(lines)
             time.sleep(0.1)
@@ -41,8 +43,9 @@ def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(broker, request, t
         url = found.group(1)
         children = [int(p) for p in subprocess.run(
             ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
-        # control plane, orchestrator, echo, slow; and the embedded broker when it runs one
-        assert len(children) == (5 if broker == "embedded" else 4)
+        # control plane, orchestrator, the examples; and the embedded broker when it runs one
+        parts = 2 + len(EXAMPLES)
+        assert len(children) == (parts + 1 if broker == "embedded" else parts)
 
         published = subprocess.run(
             [sys.executable, "-m", "conveyor", "publish", "echo", "--input",
@@ -68,11 +71,11 @@ def test_children_die_with_conveyor_up_even_on_kill9(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     children: list[int] = []
-    while len(children) < 5 and time.monotonic() < deadline:
+    while len(children) < 3 + len(EXAMPLES) and time.monotonic() < deadline:
         time.sleep(0.2)
         children = [int(p) for p in subprocess.run(
             ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
-    assert len(children) == 5
+    assert len(children) == 3 + len(EXAMPLES)
     up.kill()
     up.wait()
     deadline = time.monotonic() + 30

@@ -11,6 +11,7 @@ from workflows.events import HumanResponseEvent
 from conveyor import QueryFailed, TaskCancelled, TaskFailed
 
 from .deployment import Deployment, eventually, serving
+from .test_other_systems import new_task, raw_publisher
 
 SERVICES = ("echo", "counter", "greeter", "outer")
 
@@ -73,6 +74,54 @@ async def test_streaming_an_unknown_task_says_so(workflows_deployment):
             [item async for item in client.stream("no-such-task")]
 
 
+async def test_a_raw_new_task_with_stream_gets_its_events_on_reply_to_before_the_outcome(
+    workflows_deployment,
+):
+    reply_to = f"{workflows_deployment.namespace}.replies.{new_id()[:8]}"
+    task_id = new_id()
+    async with raw_publisher(workflows_deployment, reply_to) as (send, received):
+        body = json.loads(new_task("echo", reply_to, task_id=task_id, events=3))
+        body["data"]["stream"] = True
+        await send(json.dumps(body).encode())
+        arrived = await until_outcome(received)
+    assert [m["action"] for m in arrived] == ["task_stream"] * 3 + ["completed_task"]
+    assert [m["data"]["index"] for m in arrived[:3]] == [0, 1, 2]
+    assert [m["data"]["event"]["value"]["step"] for m in arrived[:3]] == [1, 2, 3]
+    assert {m["data"]["task_id"] for m in arrived} == {task_id}
+    assert arrived[3]["data"]["result"] == {"echo": {"events": 3}}
+
+
+async def test_a_raw_send_event_answers_a_waiting_task(workflows_deployment):
+    reply_to = f"{workflows_deployment.namespace}.replies.{new_id()[:8]}"
+    task_id = new_id()
+    async with raw_publisher(workflows_deployment, reply_to) as (send, received):
+        body = json.loads(new_task("greeter", reply_to, task_id=task_id))
+        body["data"]["stream"] = True
+        await send(json.dumps(body).encode())
+        question = await asyncio.wait_for(received.get(), 30)
+        assert question["data"]["event"]["type"] == "InputRequiredEvent"
+        answer = {"id": new_id(), "type": "control_plane", "action": "send_event",
+                  "publisher_id": "ui",
+                  "data": {"task_id": task_id, "reply_to": reply_to,
+                           "event": {"type": "HumanResponseEvent",
+                                     "value": {"response": "Ed"}}}}
+        await send(json.dumps(answer).encode())
+        arrived = await until_outcome(received)
+    assert arrived[0]["action"] == "query_result"
+    assert arrived[0]["data"]["request_id"] == answer["id"]
+    assert arrived[0]["data"]["result"] == {"task_id": task_id, "seq": 1}
+    assert arrived[-1]["data"]["result"] == "hello, Ed"
+
+
+async def until_outcome(received: asyncio.Queue, timeout: float = 30) -> list[dict]:
+    """Everything that arrives on a reply topic, up to and including a completed_task."""
+    arrived = []
+    async with asyncio.timeout(timeout):
+        while not arrived or arrived[-1]["action"] != "completed_task":
+            arrived.append(await received.get())
+    return arrived
+
+
 # Sessions
 
 
@@ -133,6 +182,20 @@ async def test_an_answer_sent_before_the_question_is_kept_until_the_workflow_wai
                 assert "no task" in str(exc)  # not recorded yet
                 await asyncio.sleep(0.05)
         assert await client.result(task_id, timeout=30) == "hello, Bo"
+
+
+async def test_an_event_sent_while_no_instance_holds_the_task_is_kept_until_one_does(
+    fresh_deployment,
+):
+    deployment = fresh_deployment
+    deployment.start("control-plane", "orchestrator", "greeter")
+    await deployment.ready("greeter")
+    deployment.stop_part("greeter")
+    async with deployment.client() as client:
+        task_id = await client.run_nowait("greeter")
+        assert await client.send_event(task_id, HumanResponseEvent(response="Flo")) == 1
+        deployment.start("greeter")
+        assert await client.result(task_id, timeout=60) == "hello, Flo"
 
 
 async def test_an_event_type_the_workflow_does_not_take_is_refused_and_it_keeps_waiting(
