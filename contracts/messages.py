@@ -187,6 +187,8 @@ QueryKind = Literal[
     "list_sessions",
     "delete_session",
     "set_session_state",
+    "get_counters",
+    "get_checkpoint",
 ]
 
 

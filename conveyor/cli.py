@@ -43,8 +43,9 @@ def _serve(make_app: Callable[[], Any]) -> None:
     """Build a FastStream app and run it until SIGINT/SIGTERM; one line and exit 1 on failure."""
     try:
         settings = load()
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # FastStream logs through its own loggers; Conveyor's parts log at the level asked.
+        logging.getLogger("conveyor").setLevel(settings.log_level.upper())
         faststream_app = make_app()
     except (ConfigurationError, InvalidName, ImportError) as exc:
         fail(exc)
@@ -226,6 +227,15 @@ def tasks_show(task_id: str) -> None:
     found = _client_call(lambda client: client.get_task(task_id))
     if found is None:
         fail(f"no task {task_id!r}")
+    _print_json(found)
+
+
+@tasks_app.command("checkpoint")
+def tasks_checkpoint(task_id: str) -> None:
+    """Show a task's last checkpoint: attempt, steps taken, size in bytes, when."""
+    found = _client_call(lambda client: client.checkpoint(task_id))
+    if found is None:
+        fail(f"task {task_id!r} has no checkpoint")
     _print_json(found)
 
 

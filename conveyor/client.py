@@ -341,6 +341,15 @@ class Client:
     async def list_services(self) -> list[dict[str, Any]]:
         return await self._ask(Query(kind="list_services", reply_to=self._reply_to))
 
+    async def checkpoint(self, task_id: str) -> dict[str, Any] | None:
+        """The task's last checkpoint: attempt, steps taken, size, when; None if none yet."""
+        return await self._ask(Query(kind="get_checkpoint", task_id=task_id,
+                                     reply_to=self._reply_to))
+
+    async def counters(self) -> dict[str, int]:
+        """Deployment-wide counts: stale attempts rejected, tasks recovered, ..."""
+        return await self._ask(Query(kind="get_counters", reply_to=self._reply_to))
+
     async def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         return await self._ask(Query(kind="list_dead_letters", limit=limit,
                                      reply_to=self._reply_to))

@@ -156,7 +156,39 @@ dispatches = Table(
     Column("parent_task_id", String(200), index=True),
     Column("finished", Boolean, nullable=False, default=False),
     Column("cancelled", Boolean, nullable=False, default=False),
+    Column("task", JSON),  # the NEW_TASK, to dispatch again
     Column("dispatched_at", UTCDateTime(), nullable=False),
+    # The lease: set by the worker that takes the attempt, renewed by its heartbeats.
+    Column("instance_id", String(200)),
+    Column("started_at", UTCDateTime()),
+    Column("heartbeat_at", UTCDateTime(), index=True),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("attempt", Integer, nullable=False),
+    Column("steps", Integer, nullable=False),  # checkpoints taken so far
+    Column("inbox_seq", Integer, nullable=False),  # sent events the context has taken
+    Column("streamed", Integer, nullable=False),  # events the task had streamed
+    Column("context", Text, nullable=False),  # ctx.to_dict() as JSON text
+    Column("signature", String(64), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+secrets = Table(
+    "secrets",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("value", Integer, nullable=False),
 )
 
 

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from conveyor.contracts import check_name
@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_idempotence: bool = False
     log_level: str = "INFO"
+    signing_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of stored checkpoints; generated once and kept with the state",
+    )
 
     @field_validator("namespace")
     @classmethod

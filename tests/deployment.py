@@ -22,7 +22,10 @@ SERVICES = {
     "outer": "conveyor.services.examples.nested:workflow",
     "recorded": "sample_workflows:recorded",
     "unserializable": "sample_workflows:unserializable",
+    "stepper": "sample_workflows:stepper",
 }
+# Second replicas: part name -> the service it is another replica of.
+REPLICAS = {"stepper-b": "stepper"}
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Deployment:
     namespace: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     via_faststream: bool = False  # start the parts with `faststream run MODULE:app`
+    overrides: dict[str, str] = field(default_factory=dict)  # more environment for every part
 
     @property
     def env(self) -> dict[str, str]:
@@ -42,6 +46,7 @@ class Deployment:
             "CONVEYOR_STATE_URL": f"sqlite:///{self.workdir / 'state.db'}",
             "CONVEYOR_HEARTBEAT_INTERVAL": "0.5",
             "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            **self.overrides,
         }
 
     def command(self, part: str) -> list[str]:
@@ -50,16 +55,19 @@ class Deployment:
             target = module.get(part, "runtime")
             return [sys.executable, "-m", "faststream", "run",
                     f"conveyor.services.{target}.app:app"]
-        if part in SERVICES:
-            return [sys.executable, "-m", "conveyor", "serve", SERVICES[part], "--name", part]
+        service = REPLICAS.get(part, part)
+        if service in SERVICES:
+            return [sys.executable, "-m", "conveyor", "serve", SERVICES[service], "--name",
+                    service]
         return [sys.executable, "-m", "conveyor", part]
 
     def start(self, *parts: str) -> None:
         for part in parts:
             log = open(self.workdir / f"{part}.log", "ab")
             env = self.env
-            if part in SERVICES:
-                env |= {"CONVEYOR_SERVICE_NAME": part, "CONVEYOR_WORKFLOW": SERVICES[part]}
+            service = REPLICAS.get(part, part)
+            if service in SERVICES:
+                env |= {"CONVEYOR_SERVICE_NAME": service, "CONVEYOR_WORKFLOW": SERVICES[service]}
             self.processes[part] = subprocess.Popen(
                 self.command(part), env=env, cwd=self.workdir, stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,5 +1,6 @@
 """Workflows the integration tests serve; importable by the service processes (PYTHONPATH)."""
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +34,47 @@ class Unserializable(Workflow):
 
 recorded = RecordedRun(timeout=60)
 unserializable = Unserializable(timeout=60)
+
+
+class Halfway(Event):
+    pass
+
+
+class Done(Event):
+    pass
+
+
+def note(path: str, line: str) -> None:
+    with Path(path).open("a") as log:
+        log.write(f"{line}\n")
+
+
+class Stepper(Workflow):
+    """Three steps, each noted in the file `log` as it starts; the second takes `seconds`.
+
+    `blob` characters of state make its checkpoints as large as a test needs.
+    """
+
+    @step
+    async def one(self, ctx: Context, ev: StartEvent) -> Halfway:
+        note(ev.get("log"), "one")
+        await ctx.store.set("log", ev.get("log"))
+        await ctx.store.set("seconds", float(ev.get("seconds", 0)))
+        await ctx.store.set("blob", "x" * int(ev.get("blob", 0)))
+        ctx.write_event_to_stream(Halfway())
+        return Halfway()
+
+    @step
+    async def two(self, ctx: Context, ev: Halfway) -> Done:
+        note(await ctx.store.get("log"), "two")
+        await asyncio.sleep(await ctx.store.get("seconds"))
+        ctx.write_event_to_stream(Done())
+        return Done()
+
+    @step
+    async def three(self, ctx: Context, ev: Done) -> StopEvent:
+        note(await ctx.store.get("log"), "three")
+        return StopEvent(result={"blob": len(await ctx.store.get("blob"))})
+
+
+stepper = Stepper(timeout=None)

@@ -1,6 +1,11 @@
 """Real processes killed for real: what was acknowledged is never lost."""
 
 import asyncio
+import os
+import signal
+from pathlib import Path
+
+from .deployment import eventually
 
 
 async def test_kill9_control_plane_mid_load_loses_nothing(fresh_deployment):
@@ -22,3 +27,81 @@ async def test_kill9_control_plane_mid_load_loses_nothing(fresh_deployment):
           f"{sum(r['status'] == 'completed' for r in recorded.values())} records completed")
     assert [o.result for o in outcomes] == [{"echo": {"n": n}} for n in range(200)]
     assert all(recorded[i]["status"] == "completed" for i in ids)
+
+
+async def noted(log: Path, step: str) -> bool:
+    # A tiny file another process writes: nothing to wait on but the file itself.
+    return log.exists() and step in log.read_text().split()  # noqa: ASYNC240
+
+
+async def test_kill9_of_a_worker_mid_task_resumes_it_from_its_checkpoint(fresh_deployment,
+                                                                         tmp_path):
+    deployment = fresh_deployment
+    deployment.start("control-plane", "orchestrator", "stepper")
+    await deployment.ready("stepper")
+    log = tmp_path / "steps.log"
+    async with deployment.client() as client:
+        # 1.5 MB of Context state: more than a broker message may hold, checkpointed anyway.
+        task_id = await client.run_nowait("stepper", log=str(log), seconds=3, blob=1_500_000)
+        await eventually(lambda: noted(log, "two"), timeout=60)
+        # Step one's checkpoint is written while step two runs: a kill before it is durable
+        # would run step one again (each step runs at least once), so wait for it.
+        await eventually(lambda: client.checkpoint(task_id), timeout=30)
+        deployment.kill("stepper")
+        print("injected: kill -9 of the stepper service during step two of three")
+        deployment.start("stepper")
+        result = await client.result(task_id, timeout=120)
+        events = [item.index async for item in client.stream(task_id)]
+        record = await client.get_task(task_id)
+    steps = log.read_text().split()
+    print(f"found: steps run {steps}, result {result}, events {events}, "
+          f"attempt {record['attempts']}")
+    assert result == {"blob": 1_500_000}
+    assert steps == ["one", "two", "two", "three"]  # step one was not run again
+    assert events == [0, 1]
+    assert record["status"] == "completed"
+
+
+async def test_a_silent_worker_loses_its_task_to_another_replica_and_its_late_reports_are_rejected(
+    fresh_deployment, tmp_path,
+):
+    deployment = fresh_deployment
+    deployment.overrides = {"CONVEYOR_HEARTBEAT_TIMEOUT": "3",
+                            "CONVEYOR_MAX_CONCURRENT_TASKS": "1"}
+    deployment.start("control-plane", "orchestrator", "stepper", "stepper-b")
+    await deployment.ready("stepper")
+    log = tmp_path / "steps.log"
+    async with deployment.client() as client:
+        task_id = await client.run_nowait("stepper", log=str(log), seconds=5)
+        await eventually(lambda: noted(log, "two"), timeout=60)
+
+        async def holder() -> int | None:
+            found = {s["name"]: s for s in await client.list_services()}["stepper"]
+            busy = [i["pid"] for i in found["instances"] if i["alive"] and i["running"]]
+            return busy[0] if busy else None
+
+        pid = await eventually(holder, timeout=30)
+        await eventually(lambda: client.checkpoint(task_id), timeout=30)
+        os.kill(pid, signal.SIGSTOP)
+        print(f"injected: SIGSTOP of the stepper replica {pid} during step two")
+        try:
+            result = await client.result(task_id, timeout=120)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        record = await client.get_task(task_id)
+
+        async def rejected() -> dict | None:
+            found = await client.counters()
+            return found if found.get("stale_attempts_rejected") else None
+
+        counted = await eventually(rejected, timeout=30)
+    steps = log.read_text().split()
+    print(f"found: result {result} from attempt {record['attempts']}, steps run {steps}, "
+          f"counters {counted}")
+    assert result == {"blob": 0}
+    assert record["attempts"] == 2
+    assert counted["tasks_recovered"] >= 1
+    # Attempt 2 resumed after step one. The late attempt may finish the step it was in (and
+    # the next, which it starts before its checkpoint is refused): its reports count for
+    # nothing.
+    assert steps.count("one") == 1 and steps[:3] == ["one", "two", "two"]

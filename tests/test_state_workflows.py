@@ -3,11 +3,20 @@ against real SQLite and PostgreSQL (the `engine` fixture of test_state.py: every
 both).
 """
 
+from datetime import timedelta
+
 import pytest
 from workflows import Context
 
-from conveyor.contracts import EventEnvelope, RegisterService, SendEvent, TaskStream
-from conveyor.services import database, sessions
+from conveyor.contracts import (
+    EventEnvelope,
+    Heartbeat,
+    RegisterService,
+    RunningTask,
+    SendEvent,
+    TaskStream,
+)
+from conveyor.services import checkpoints, counters, database, sessions
 from conveyor.services.control_plane import state
 from conveyor.services.examples.counter import workflow as counter
 from conveyor.services.orchestrator import state as orchestrator_state
@@ -284,8 +293,10 @@ async def test_cancelling_a_task_that_already_finished_changes_nothing(engine):
 
 # Where a worker starts a task from
 
+KEY = b"k" * 32
 
-async def test_a_task_cancelled_while_queued_starts_as_cancelled(engine):
+
+async def test_a_task_cancelled_while_queued_is_not_started(engine):
     async with engine.begin() as conn:
         await sessions.set_state(conn, "s1", {"count": 41})
         await registered_task(conn, session_id="s1")
@@ -293,8 +304,17 @@ async def test_a_task_cancelled_while_queued_starts_as_cancelled(engine):
         await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
         await orchestrator_state.cancel(conn, "t1")
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task(session_id="s1"))
-    assert (point.cancelled, point.state, point.sent) == (True, None, [])
+        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-1", KEY)
+    assert (point.skip, point.state, point.sent) == ("it was cancelled", None, [])
+
+
+async def test_a_replaced_attempt_is_not_started(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo", task={"x": 1})
+        await conn.execute(database.dispatches.update().values(attempt=2))
+    async with engine.begin() as conn:
+        point = await starting_point(conn, new_task(), 1, "i-1", KEY)
+    assert point.skip == "attempt 1 was replaced by attempt 2"
 
 
 async def test_a_task_starts_from_its_session_state_and_its_inbox_in_order(engine):
@@ -306,20 +326,141 @@ async def test_a_task_starts_from_its_session_state_and_its_inbox_in_order(engin
         await state.record_sent_event(conn, sent(type="Reply", qualified_name="app.Reply",
                                                  step="review"), "m2")
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task(session_id="s1"))
-    assert point.cancelled is False
+        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-1", KEY)
+    assert point.skip is None and point.checkpoint is None
     assert point.state == sessions.stored_state({"count": 41})
     assert [(e["seq"], e["event"]["type"], e["step"]) for e in point.sent] == [
         (1, "Approval", None), (2, "Reply", "review"),
     ]
     assert point.sent[0]["event"] == {"type": "Approval", "types": None,
                                       "qualified_name": "app.Approval", "value": {"ok": True}}
+    async with engine.connect() as conn:
+        lease = (await conn.execute(database.dispatches.select())).one()
+    assert lease.instance_id == "i-1" and lease.started_at and lease.heartbeat_at
+
+
+async def test_a_resumed_task_starts_from_its_checkpoint_and_the_events_it_had_not_taken(engine):
+    async with engine.begin() as conn:
+        await sessions.set_state(conn, "s1", {"count": 41})
+        await registered_task(conn, session_id="s1")
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await state.record_sent_event(conn, sent(), "m1")
+        await state.record_sent_event(conn, sent(), "m2")
+        await checkpoints.save(conn, KEY, "t1", 1, {"is_running": True}, inbox_seq=1,
+                               streamed=4)
+    async with engine.begin() as conn:
+        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-2", KEY)
+    assert point.checkpoint.context == {"is_running": True}
+    assert (point.checkpoint.streamed, point.checkpoint.inbox_seq) == (4, 1)
+    assert point.state is None  # the checkpoint carries the state
+    assert [e["seq"] for e in point.sent] == [2]
 
 
 async def test_a_task_without_a_session_starts_with_no_state(engine):
     async with engine.begin() as conn:
         await sessions.set_state(conn, "s1", {"count": 41})
         await registered_task(conn)
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task())
-    assert (point.cancelled, point.state, point.sent) == (False, None, [])
+        point = await starting_point(conn, new_task(), 1, "i-1", KEY)
+    assert (point.skip, point.state, point.sent) == (None, None, [])
+
+
+# Checkpoints
+
+
+async def test_a_checkpoint_round_trips_and_counts_its_steps(engine):
+    context = {"state": {"big": "x" * 2_000_000}, "is_running": True}
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await checkpoints.save(conn, KEY, "t1", 1, {"first": True}, inbox_seq=0, streamed=0)
+        await checkpoints.save(conn, KEY, "t1", 1, context, inbox_seq=2, streamed=3)
+    async with engine.begin() as conn:
+        found = await checkpoints.load(conn, KEY, "t1")
+    assert found.context == context  # over 1 MB: kept in the state store, not on the broker
+    assert (found.attempt, found.steps, found.inbox_seq, found.streamed) == (1, 2, 2, 3)
+
+
+@pytest.mark.parametrize("tamper", [
+    {"context": '{"is_running": false}'},
+    {"streamed": 0},
+    {"inbox_seq": 7},
+], ids=["context", "streamed", "inbox"])
+async def test_an_altered_checkpoint_is_refused(engine, tamper):
+    async with engine.begin() as conn:
+        await checkpoints.save(conn, KEY, "t1", 1, {"is_running": True}, inbox_seq=1,
+                               streamed=2)
+        await conn.execute(database.checkpoints.update().values(**tamper))
+    async with engine.begin() as conn:
+        with pytest.raises(checkpoints.CheckpointRefused, match="fails verification"):
+            await checkpoints.load(conn, KEY, "t1")
+
+
+async def test_a_checkpoint_signed_with_another_key_is_refused(engine):
+    async with engine.begin() as conn:
+        await checkpoints.save(conn, KEY, "t1", 1, {}, inbox_seq=0, streamed=0)
+        with pytest.raises(checkpoints.CheckpointRefused, match="t1"):
+            await checkpoints.load(conn, b"another key", "t1")
+
+
+async def test_the_generated_signing_key_is_made_once_per_deployment(engine):
+    async with engine.begin() as conn:
+        first = await checkpoints.signing_key(conn, None)
+        again = await checkpoints.signing_key(conn, None)
+        configured = await checkpoints.signing_key(conn, "from the environment")
+    assert first == again and len(first) == 64
+    assert configured == b"from the environment"
+
+
+async def test_a_replaced_attempt_cannot_checkpoint_and_is_counted(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await conn.execute(database.dispatches.update().values(attempt=2))
+    async with engine.begin() as conn:
+        with pytest.raises(checkpoints.StaleAttempt, match="attempt 1 of task t1"):
+            await checkpoints.save(conn, KEY, "t1", 1, {}, inbox_seq=0, streamed=0)
+    async with engine.begin() as conn:
+        assert await checkpoints.load(conn, KEY, "t1") is None
+        assert (await counters.read(conn))[counters.STALE_REJECTED] == 1
+
+
+async def test_outcomes_and_events_of_a_replaced_attempt_are_rejected_and_counted(engine):
+    async with engine.begin() as conn:
+        await registered_task(conn)
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await conn.execute(database.dispatches.update().values(attempt=2))
+        late = TaskStream(task_id="t1", index=0, attempt=1,
+                          event=EventEnvelope(type="Progress"))
+        assert await state.append_event(conn, late) is False
+        assert await state.record_outcome(conn, outcome(attempt=1)) is None
+        assert await state.record_outcome(conn, outcome(attempt=2)) == []
+    async with engine.begin() as conn:
+        assert (await counters.read(conn))[counters.STALE_REJECTED] == 2
+    assert await count(engine, database.events) == 0
+
+
+# Leases
+
+
+async def test_a_silent_attempt_moves_to_the_next_and_a_renewed_one_does_not(engine):
+    task = new_task().model_dump(mode="json")
+    async with engine.begin() as conn:
+        for task_id in ("silent", "beating", "queued"):
+            await orchestrator_state.claim_first_dispatch(conn, task_id, "echo",
+                                                          task={**task, "task_id": task_id})
+        for task_id in ("silent", "beating"):
+            await starting_point(conn, new_task(task_id=task_id), 1, "i-1", KEY)
+        await conn.execute(database.dispatches.update().values(
+            heartbeat_at=database.now() - timedelta(seconds=60)).where(
+            database.dispatches.c.started_at.is_not(None)))
+        await orchestrator_state.renew_leases(conn, Heartbeat(
+            service="echo", instance_id="i-1", running=[RunningTask(task_id="beating",
+                                                                    attempt=1)]))
+    async with engine.begin() as conn:
+        expired = await orchestrator_state.take_expired(conn, timeout=10)
+        assert [(e["task"]["task_id"], e["attempt"]) for e in expired] == [("silent", 2)]
+        assert await orchestrator_state.take_expired(conn, timeout=10) == []
+        await orchestrator_state.mark_finished(conn, "silent", attempt=1)  # a late report
+        row = (await conn.execute(database.dispatches.select().where(
+            database.dispatches.c.task_id == "silent"))).one()
+    assert (row.attempt, row.finished, row.started_at) == (2, False, None)

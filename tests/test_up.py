@@ -69,15 +69,17 @@ def test_children_die_with_conveyor_up_even_on_kill9(tmp_path):
     env["CONVEYOR_NAMESPACE"] = f"up{uuid.uuid4().hex[:8]}"
     up = subprocess.Popen([sys.executable, "-m", "conveyor", "up"], cwd=tmp_path, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    children: list[int] = []
-    while len(children) < 3 + len(EXAMPLES) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        children = [int(p) for p in subprocess.run(
-            ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
-    assert len(children) == 3 + len(EXAMPLES)
-    up.kill()
-    up.wait()
+    try:
+        deadline = time.monotonic() + 30
+        children: list[int] = []
+        while len(children) < 3 + len(EXAMPLES) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = [int(p) for p in subprocess.run(
+                ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
+        assert len(children) == 3 + len(EXAMPLES)
+    finally:
+        up.kill()
+        up.wait()
     deadline = time.monotonic() + 30
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)

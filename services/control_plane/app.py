@@ -37,7 +37,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
 
-from .. import database, sessions
+from .. import checkpoints, counters, database, sessions
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -86,14 +86,17 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 case NewTaskMessage(data=task):
                     await state.record_new_task(conn, task, message.publisher_id)
                 case TaskStreamMessage(data=event):
-                    await state.append_event(conn, event)
+                    if not await state.append_event(conn, event):
+                        log.warning("event %d of %s from replaced attempt %d dropped",
+                                    event.index, event.task_id, event.attempt)
+                        return
                     if event.stream and event.reply_to:
                         await publish(broker, settings, message, event.reply_to, key=event.task_id)
                 case CompletedTaskMessage(data=outcome):
                     waiting = await state.record_outcome(conn, outcome)
                     if waiting is None:
-                        log.info("outcome of %s was recorded before; duplicate ignored",
-                                 outcome.task_id)
+                        log.info("outcome of %s (attempt %d) not taken: recorded before, or "
+                                 "from a replaced attempt", outcome.task_id, outcome.attempt)
                     else:
                         await _tell_outcome(broker, settings, message, waiting)
                 case CancelTaskMessage():
@@ -233,6 +236,11 @@ async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage
                 return await state.list_services(conn, settings.heartbeat_timeout), False
             case "list_dead_letters":
                 return await state.list_dead_letters(conn, query.limit), False
+            case "get_checkpoint":
+                return await checkpoints.describe(
+                    conn, _required(query.task_id, "task_id")), False
+            case "get_counters":
+                return await counters.read(conn), False
             case "create_session":
                 return await sessions.create(conn, query.session_id), False
             case "get_session":

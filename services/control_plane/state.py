@@ -23,6 +23,7 @@ from conveyor.contracts import (
     TaskStream,
 )
 
+from .. import checkpoints, counters
 from ..database import dead_letters, events, inbox, instances, now, services, tasks, watchers
 
 
@@ -81,25 +82,28 @@ async def record_outcome(
 ) -> list[dict[str, str]] | None:
     """Store a task's outcome once; returns the watchers to tell, or None if already final.
 
-    An outcome without reply_to gets the one the task was started with.
+    An outcome without reply_to gets the one the task was started with. An outcome from an
+    attempt the orchestrator has replaced is not stored (and is counted).
 
     Each watcher is {"reply_to", "request_id", "kind"}: "outcome" watchers wait for the end,
     "stream" watchers follow the events and then the end.
     """
     await _lock_task(conn, outcome.task_id)
+    if await _stale(conn, outcome.task_id, outcome.attempt):
+        return None
     await conn.execute(
-            _insert_ignoring_duplicates(
-                conn,
-                tasks,
-                task_id=outcome.task_id,
-                service=outcome.service,
-                session_id=outcome.session_id,
-                status="queued",
-                attempts=0,
-                reply_to=outcome.reply_to,
-                created_at=now(),
-            )
+        _insert_ignoring_duplicates(
+            conn,
+            tasks,
+            task_id=outcome.task_id,
+            service=outcome.service,
+            session_id=outcome.session_id,
+            status="queued",
+            attempts=0,
+            reply_to=outcome.reply_to,
+            created_at=now(),
         )
+    )
     stored = await conn.execute(
         update(tasks)
         .where(tasks.c.task_id == outcome.task_id, tasks.c.status.not_in(FINAL_STATUSES))
@@ -128,7 +132,22 @@ async def record_outcome(
             for w in waiting]
 
 
-async def append_event(conn: AsyncConnection, stream: TaskStream) -> None:
+async def _stale(conn: AsyncConnection, task_id: str, attempt: int) -> bool:
+    """Whether `attempt` of a task was replaced (counted when so). Attempt 0 is not a
+    worker's: the orchestrator's own outcomes (cancelled, unknown service) are never stale."""
+    if attempt <= 0:
+        return False
+    current = await checkpoints.current_attempt(conn, task_id)
+    if current is None or current <= attempt:
+        return False
+    await counters.add(conn, counters.STALE_REJECTED)
+    return True
+
+
+async def append_event(conn: AsyncConnection, stream: TaskStream) -> bool:
+    """Store a streamed event; False (and counted) if its attempt was replaced."""
+    if await _stale(conn, stream.task_id, stream.attempt):
+        return False
     await conn.execute(
         _insert_ignoring_duplicates(
             conn,
@@ -139,6 +158,7 @@ async def append_event(conn: AsyncConnection, stream: TaskStream) -> None:
             created_at=now(),
         )
     )
+    return True
 
 
 async def stream_watchers(conn: AsyncConnection, task_id: str) -> list[str]:

@@ -7,6 +7,7 @@ A CANCEL_TASK ends a task as cancelled, stops the instance running it and cancel
 tasks.
 """
 
+import asyncio
 import logging
 import os
 import socket
@@ -36,7 +37,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY, REGISTRY
 
-from .. import database
+from .. import counters, database
 from ..bus import create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     publisher_id = f"orchestrator@{socket.gethostname()}:{os.getpid()}"
     engine: AsyncEngine | None = None
     registered: set[str] = set()
+    sweeper: asyncio.Task | None = None
 
     async def is_registered(service: str) -> bool:
         if service not in registered:
@@ -66,7 +68,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
     async def dispatch(task: NewTask) -> None:
         async with engine.begin() as conn:
             if not await state.claim_first_dispatch(conn, task.task_id, task.service,
-                                                    task.parent_task_id):
+                                                    task.parent_task_id,
+                                                    task.model_dump(mode="json")):
                 log.info("task %s was dispatched before; duplicate ignored", task.task_id)
                 return
             message = DispatchTaskMessage(
@@ -109,7 +112,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
                     await fail_unknown(task, body)
             case CompletedTaskMessage(data=outcome):
                 async with engine.begin() as conn:
-                    await state.mark_finished(conn, outcome.task_id)
+                    await state.mark_finished(conn, outcome.task_id, outcome.attempt)
             case CancelTaskMessage():
                 await cancel(message)
 
@@ -157,6 +160,34 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 registered.add(registration.service)
             case HeartbeatMessage(data=beat):
                 registered.add(beat.service)
+                if beat.running:
+                    async with engine.begin() as conn:
+                        await state.renew_leases(conn, beat)
+
+    async def recover_forever() -> None:
+        """Re-dispatch, as their next attempt, the tasks whose worker stopped heartbeating."""
+        while True:
+            await asyncio.sleep(settings.heartbeat_interval)
+            try:
+                await recover_expired()
+            except Exception:  # the next sweep tries again
+                log.exception("sweep for expired leases failed")
+
+    async def recover_expired() -> None:
+        async with engine.begin() as conn:
+            expired = await state.take_expired(conn, settings.heartbeat_timeout)
+            for item in expired:
+                task = NewTask.model_validate(item["task"])
+                log.warning("task %s: its worker went silent; dispatching attempt %d",
+                            task.task_id, item["attempt"])
+                message = DispatchTaskMessage(
+                    type=task.service, publisher_id=publisher_id,
+                    data=DispatchTask(task=task, attempt=item["attempt"]),
+                )
+                await publish(broker, settings, message, service_topic(ns, task.service),
+                              key=task.task_id)
+            if expired:
+                await counters.add(conn, counters.RECOVERED, len(expired))
 
     async def start() -> None:
         nonlocal engine
@@ -164,14 +195,22 @@ def create_app(settings: Settings | None = None) -> FastStream:
         async with engine.connect() as conn:
             registered.update(await state.known_services(conn))
 
+    async def stop_sweeping() -> None:
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+
     async def stop() -> None:
         if engine is not None:
             await engine.dispose()
 
     async def declare() -> None:
+        nonlocal sweeper
         await declare_system_queues(broker, settings)
+        sweeper = asyncio.create_task(recover_forever())
 
-    return FastStream(broker, on_startup=[start], after_startup=[declare], after_shutdown=[stop])
+    return FastStream(broker, on_startup=[start], after_startup=[declare],
+                      on_shutdown=[stop_sweeping], after_shutdown=[stop])
 
 
 def __getattr__(name: str) -> FastStream:

@@ -1,26 +1,68 @@
 """What the orchestrator stores: one dispatch row per task, the attempt it is on."""
 
+from datetime import timedelta
 from typing import NamedTuple
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from conveyor.contracts import Heartbeat
+
 from ..database import dispatches, now, services
 
 
 async def claim_first_dispatch(
-    conn: AsyncConnection, task_id: str, service: str, parent_task_id: str | None = None
+    conn: AsyncConnection, task_id: str, service: str, parent_task_id: str | None = None,
+    task: dict | None = None,
 ) -> bool:
     """Record attempt 1 of a task; False when the task was dispatched before (a duplicate)."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     result = await conn.execute(
         dialect.insert(dispatches)
         .values(task_id=task_id, service=service, attempt=1, parent_task_id=parent_task_id,
-                finished=False, dispatched_at=now())
+                finished=False, task=task, dispatched_at=now())
         .on_conflict_do_nothing()
     )
     return result.rowcount == 1
+
+
+async def renew_leases(conn: AsyncConnection, beat: Heartbeat) -> None:
+    """A worker's heartbeat renews the lease of each attempt it holds (stale ones excepted)."""
+    moment = now()
+    for held in beat.running:
+        await conn.execute(
+            update(dispatches)
+            .where(dispatches.c.task_id == held.task_id, dispatches.c.attempt == held.attempt,
+                   dispatches.c.finished.is_(False))
+            .values(heartbeat_at=moment, instance_id=beat.instance_id)
+        )
+
+
+async def take_expired(conn: AsyncConnection, timeout: float, limit: int = 100) -> list[dict]:
+    """Attempts whose worker went silent for `timeout` seconds, moved to their next attempt.
+
+    Returns each task's NEW_TASK and new attempt number, to dispatch again. Several
+    orchestrators may sweep at once: on PostgreSQL each takes rows the others have not
+    locked (SKIP LOCKED); SQLite runs one writer at a time.
+    """
+    silent_since = now() - timedelta(seconds=timeout)
+    statement = (
+        select(dispatches.c.task_id, dispatches.c.attempt, dispatches.c.task)
+        .where(dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
+               dispatches.c.heartbeat_at < silent_since)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        statement = statement.with_for_update(skip_locked=True)
+    expired = (await conn.execute(statement)).all()
+    for task_id, attempt, _ in expired:
+        await conn.execute(
+            update(dispatches).where(dispatches.c.task_id == task_id)
+            .values(attempt=attempt + 1, dispatched_at=now(), instance_id=None,
+                    started_at=None, heartbeat_at=None)
+        )
+    return [{"task": task, "attempt": attempt + 1} for _, attempt, task in expired if task]
 
 
 class Cancellation(NamedTuple):
@@ -47,10 +89,13 @@ async def cancel(conn: AsyncConnection, task_id: str) -> Cancellation:
     return Cancellation(True, ended.rowcount == 1, row.service, list(children.scalars()))
 
 
-async def mark_finished(conn: AsyncConnection, task_id: str) -> None:
-    await conn.execute(
-        update(dispatches).where(dispatches.c.task_id == task_id).values(finished=True)
-    )
+async def mark_finished(conn: AsyncConnection, task_id: str, attempt: int = 0) -> None:
+    """The task has ended; an outcome from a replaced attempt (not attempt 0, the
+    orchestrator's own) changes nothing."""
+    statement = update(dispatches).where(dispatches.c.task_id == task_id)
+    if attempt > 0:
+        statement = statement.where(dispatches.c.attempt <= attempt)
+    await conn.execute(statement.values(finished=True))
 
 
 async def known_services(conn: AsyncConnection) -> set[str]:

@@ -43,8 +43,9 @@ from conveyor.contracts import (
 from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 from conveyor.remote import Caller, current_caller
 
-from .. import database, sessions
+from .. import checkpoints, database, sessions
 from ..bus import create_broker, declare_system_queues, publish, subscribe
+from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
 from ..settings import ConfigurationError, load
 from .settings import RuntimeSettings
@@ -73,6 +74,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     caller = Client(settings=settings, broker=broker, publisher_id=instance_id)
     heartbeats: asyncio.Task | None = None
     engine: AsyncEngine | None = None
+    key = b""  # signs checkpoints
 
     async def emit(message, to: str, key: str | None = None) -> None:
         await publish(broker, settings, message, to, key=key)
@@ -95,15 +97,28 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             task_id=task.task_id, session_id=task.session_id, service=name,
             status="completed", attempt=dispatch.attempt, reply_to=task.reply_to,
         )
+        async def checkpoint(context: dict, inbox_seq: int) -> None:
+            async with engine.begin() as conn:
+                await checkpoints.save(conn, key, task.task_id, dispatch.attempt, context,
+                                       inbox_seq=inbox_seq, streamed=index)
+
         running[task.task_id] = dispatch.attempt
         try:
-            async with engine.connect() as conn:
-                start = await starting_point(conn, task)
-            if start.cancelled:
-                log.info("task %s was cancelled before it started", task.task_id)
+            async with engine.begin() as conn:
+                start = await starting_point(conn, task, dispatch.attempt, instance_id, key)
+            if start.skip:
+                log.info("attempt %d of task %s not run: %s", dispatch.attempt, task.task_id,
+                         start.skip)
                 return
+            resumed = start.checkpoint
+            if resumed is not None:
+                index = resumed.streamed
+                log.info("task %s resumes from its checkpoint after %d steps", task.task_id,
+                         resumed.steps)
             holding[task.task_id] = task_run = TaskRun(
-                workflow, task, stream, accepted=accepted, state=start.state
+                workflow, task, stream, accepted=accepted, state=start.state,
+                resume_from=resumed.context if resumed else None,
+                taken_before=resumed.inbox_seq if resumed else 0, on_checkpoint=checkpoint,
             )
             for item in start.sent:
                 deliver(task_run, item["seq"], item["event"], item["step"])
@@ -122,6 +137,9 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 raise  # this service is stopping
             log.info("task %s cancelled", task.task_id)
             return  # cancelled on request: the orchestrator has recorded the outcome
+        except StaleAttempt as exc:
+            log.warning("task %s stopped: %s", task.task_id, exc)
+            return  # a later attempt holds the task now
         except Exception as exc:  # the step's failure is the task's outcome, never a crash
             log.info("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
             outcome.status, outcome.error = "failed", describe(exc)
@@ -206,8 +224,12 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             log.warning("could not deregister %s: %s", instance_id, exc)
 
     async def connect() -> None:
-        nonlocal engine
+        nonlocal engine, key
         engine = await database.connect(settings.state_url)
+        async with engine.begin() as conn:
+            configured = settings.signing_key
+            key = await checkpoints.signing_key(
+                conn, configured.get_secret_value() if configured else None)
 
     async def disconnect() -> None:
         if engine is not None:

@@ -1,4 +1,9 @@
-"""One task running under llama-index-workflows: its stream, its inbox, its session state.
+"""One task running under llama-index-workflows: its stream, its inbox, its session state,
+its checkpoints.
+
+After every step that does not end the run, the Context (`ctx.to_dict()`) is handed to
+`on_checkpoint`; a run given a checkpoint resumes from it (`Context.from_dict`): steps that
+had finished are not run again, the step that was in progress runs again.
 
 Events sent into the task (human-in-the-loop) arrive numbered by the control plane's inbox.
 llama-index-workflows drops an event that no step or waiter takes yet (it reports an
@@ -19,6 +24,8 @@ from workflows.events import (
     HumanResponseEvent,
     InternalDispatchEvent,
     StartEvent,
+    StepState,
+    StepStateChanged,
     StopEvent,
     UnhandledEvent,
     WorkflowIdleEvent,
@@ -83,17 +90,24 @@ class TaskRun:
         *,
         accepted: dict[str, type[Event]] | None = None,
         state: dict[str, Any] | None = None,
+        resume_from: dict[str, Any] | None = None,
+        taken_before: int = 0,
+        on_checkpoint: Callable[[dict[str, Any], int], Awaitable[None]] | None = None,
     ) -> None:
         self.workflow = workflow
         self.task = task
         self.on_event = on_event
         self.accepted = accepted if accepted is not None else accepted_events(workflow)
         self.state = state
+        self.resume_from = resume_from
+        self.on_checkpoint = on_checkpoint
         self.streamed = 0
+        self._taken_before = taken_before  # inbox events its checkpoint had taken
+        self._stop_name = str(workflow.stop_event_class)
         self._handler = None
         self._seen: set[int] = set()
-        self._held: list[tuple[Event, str | None]] = []
-        self._sent: list[tuple[Event, str | None]] = []
+        self._held: list[tuple[int, Event, str | None]] = []
+        self._sent: list[tuple[int, Event, str | None]] = []
 
     def deliver(self, seq: int, sent: EventEnvelope, step: str | None = None) -> None:
         """Hand an event from the inbox to the run; each inbox position is taken once."""
@@ -102,17 +116,24 @@ class TaskRun:
         event = to_event(self.accepted, sent)
         self._seen.add(seq)
         if self._handler is None:
-            self._held.append((event, step))
+            self._held.append((seq, event, step))
         else:
-            self._send(event, step)
+            self._send(seq, event, step)
 
-    def _send(self, event: Event, step: str | None) -> None:
-        self._sent.append((event, step))
+    @property
+    def inbox_seq(self) -> int:
+        """The inbox position up to which every sent event is in the context's hands."""
+        if self._held:
+            return min(seq for seq, _, _ in self._held) - 1
+        return max(self._seen, default=self._taken_before)
+
+    def _send(self, seq: int, event: Event, step: str | None) -> None:
+        self._sent.append((seq, event, step))
         self._handler.ctx.send_event(event, step=step)
 
     def _on_internal(self, event: InternalDispatchEvent) -> None:
         if isinstance(event, UnhandledEvent):
-            for i, (sent, _) in enumerate(self._sent):
+            for i, (_, sent, _) in enumerate(self._sent):
                 if qualified_name(type(sent)) == event.qualified_name:
                     self._held.append(self._sent.pop(i))
                     break
@@ -120,18 +141,24 @@ class TaskRun:
             # Everything sent before going idle was taken or reported unhandled by now.
             self._sent.clear()
             held, self._held = self._held, []
-            for sent, step in held:
-                self._send(sent, step)
+            for item in held:
+                self._send(*item)
 
     async def run(self) -> Any:
-        ctx = Context.from_dict(self.workflow, {"state": self.state}) if self.state else None
-        self._handler = handler = self.workflow.run(ctx=ctx, **self.task.input)
+        if self.resume_from is not None:
+            ctx = Context.from_dict(self.workflow, self.resume_from)
+            self._handler = handler = self.workflow.run(ctx=ctx)
+        else:
+            ctx = Context.from_dict(self.workflow, {"state": self.state}) if self.state else None
+            self._handler = handler = self.workflow.run(ctx=ctx, **self.task.input)
         held, self._held = self._held, []
-        for sent, step in held:
-            self._send(sent, step)
+        for item in held:
+            self._send(*item)
         try:
             async for event in handler.stream_events(expose_internal=True):
-                if isinstance(event, InternalDispatchEvent):
+                if isinstance(event, StepStateChanged):
+                    await self._after_step(event)
+                elif isinstance(event, InternalDispatchEvent):
                     self._on_internal(event)
                 elif not isinstance(event, StopEvent):
                     await self.on_event(envelope(event))
@@ -140,6 +167,11 @@ class TaskRun:
         finally:
             if not handler.is_done():
                 await handler.cancel_run()
+
+    async def _after_step(self, event: StepStateChanged) -> None:
+        finished = event.step_state == StepState.NOT_RUNNING
+        if finished and self.on_checkpoint and event.output_event_name != self._stop_name:
+            await self.on_checkpoint(self._handler.ctx.to_dict(), self.inbox_seq)
 
     def context_state(self) -> dict[str, Any] | None:
         """The run's state store, serialized, for the next task of its session."""
