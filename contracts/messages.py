@@ -26,6 +26,9 @@ class Action(StrEnum):
     TASK_STREAM = "task_stream"
     SEND_EVENT = "send_event"
     CANCEL_TASK = "cancel_task"
+    PAUSE_TASK = "pause_task"
+    RESUME_TASK = "resume_task"
+    TASK_STATUS = "task_status"
     COMPLETED_TASK = "completed_task"
     REGISTER_SERVICE = "register_service"
     HEARTBEAT = "heartbeat"
@@ -35,7 +38,9 @@ class Action(StrEnum):
     DEAD_LETTER = "dead_letter"
 
 
-TaskStatus = Literal["queued", "running", "completed", "failed", "cancelled"]
+TaskStatus = Literal[
+    "queued", "running", "retrying", "paused", "completed", "failed", "cancelled"
+]
 FinalStatus = Literal["completed", "failed", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
@@ -61,6 +66,13 @@ class NewTask(Payload):
     )
     stream: bool = Field(default=False, description="also send every streamed event to reply_to")
     parent_task_id: str | None = None
+    max_retries: int | None = Field(
+        default=None, ge=0, le=100,
+        description="attempts after a failed one; the service's setting when absent",
+    )
+    timeout: float | None = Field(
+        default=None, gt=0, description="seconds one attempt may run; the service's when absent"
+    )
 
 
 class DispatchTask(Payload):
@@ -109,22 +121,43 @@ class SendEvent(Payload):
     )
 
 
-class CancelTask(Payload):
-    """Stop a task: a queued one never starts, a running one stops, its inner tasks too.
-
-    The orchestrator answers reply_to with a query_result whose request_id is this
-    message's id: {"task_id", "cancelled": true} or, for a task that had already ended,
-    {"task_id", "cancelled": false}.
-    """
-
-    task_id: str = Field(min_length=1)
-    reason: str = "cancelled by request"
-    reply_to: str | None = None
-
-
 class TaskError(BaseModel):
     type: str
     message: str
+
+
+class TaskControl(Payload):
+    """Steer a task: cancel, pause or resume it.
+
+    The orchestrator answers reply_to with a query_result whose request_id is this
+    message's id: {"task_id", "done": true}, or false when there was nothing to do (the task
+    had ended; pausing a paused task; resuming one that is not paused).
+    """
+
+    task_id: str = Field(min_length=1)
+    reason: str = "by request"
+    reply_to: str | None = None
+
+
+class CancelTask(TaskControl):
+    """Stop a task: a queued one never starts, a running one stops, its inner tasks too."""
+
+    reason: str = "cancelled by request"
+
+
+class TaskStatusUpdate(Payload):
+    """A task's status between its start and its end, told to the control plane.
+
+    "retrying": an attempt failed with `error` and the next starts in `retry_in` seconds;
+    "paused": it was paused and holds no worker; "queued": it was resumed.
+    """
+
+    task_id: str
+    service: str
+    status: Literal["retrying", "paused", "queued"]
+    attempt: int = 0
+    error: TaskError | None = None
+    retry_in: float | None = None
 
 
 class CompletedTask(Payload):
@@ -139,6 +172,9 @@ class CompletedTask(Payload):
     attempt: int = 0
     reply_to: str | None = None
     events: int = Field(default=0, ge=0, description="how many events the task streamed")
+    steps: dict[str, list[float]] = Field(
+        default_factory=dict, description="seconds each run of each step took (last attempt)"
+    )
 
 
 # Service registry
@@ -189,6 +225,7 @@ QueryKind = Literal[
     "set_session_state",
     "get_counters",
     "get_checkpoint",
+    "pending_work",
 ]
 
 
@@ -199,6 +236,7 @@ class Query(Payload):
     service: str | None = None
     status: TaskStatus | None = None
     session_id: str | None = None
+    owner: str | None = Field(default=None, description="list_tasks: the publisher_id")
     limit: int = Field(default=100, ge=1, le=10_000)
     after: int = Field(
         default=-1, ge=-1, description="stream_task: replay the events after this index"
@@ -267,6 +305,21 @@ class CancelTaskMessage(QueueMessage):
     data: CancelTask
 
 
+class PauseTaskMessage(QueueMessage):
+    action: Literal[Action.PAUSE_TASK] = Action.PAUSE_TASK
+    data: TaskControl
+
+
+class ResumeTaskMessage(QueueMessage):
+    action: Literal[Action.RESUME_TASK] = Action.RESUME_TASK
+    data: TaskControl
+
+
+class TaskStatusMessage(QueueMessage):
+    action: Literal[Action.TASK_STATUS] = Action.TASK_STATUS
+    data: TaskStatusUpdate
+
+
 class CompletedTaskMessage(QueueMessage):
     action: Literal[Action.COMPLETED_TASK] = Action.COMPLETED_TASK
     data: CompletedTask
@@ -308,6 +361,9 @@ TYPED_MESSAGES: tuple[type[QueueMessage], ...] = (
     TaskStreamMessage,
     SendEventMessage,
     CancelTaskMessage,
+    PauseTaskMessage,
+    ResumeTaskMessage,
+    TaskStatusMessage,
     CompletedTaskMessage,
     RegisterServiceMessage,
     HeartbeatMessage,
@@ -323,6 +379,9 @@ AnyMessage = Annotated[
     | TaskStreamMessage
     | SendEventMessage
     | CancelTaskMessage
+    | PauseTaskMessage
+    | ResumeTaskMessage
+    | TaskStatusMessage
     | CompletedTaskMessage
     | RegisterServiceMessage
     | HeartbeatMessage

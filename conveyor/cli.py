@@ -208,11 +208,12 @@ def tasks_list(
     service: Annotated[str | None, typer.Option(help="only this service")] = None,
     status: Annotated[str | None, typer.Option(help="only this status")] = None,
     session: Annotated[str | None, typer.Option(help="only this session")] = None,
+    owner: Annotated[str | None, typer.Option(help="only those this publisher_id started")] = None,
     limit: Annotated[int, typer.Option(help="at most this many")] = 50,
 ) -> None:
     """List tasks, newest first."""
     found = _client_call(lambda client: client.list_tasks(
-        service=service, status=status, session_id=session, limit=limit))
+        service=service, status=status, session_id=session, owner=owner, limit=limit))
     table = Table("task", "service", "status", "attempts", "created", "error")
     for task in found:
         error = task["error"] or {}
@@ -279,6 +280,35 @@ def tasks_cancel(
         sys.stdout.write(f"cancelled {task_id}\n")
     else:
         sys.stdout.write(f"{task_id} had already ended\n")
+
+
+@tasks_app.command("pause")
+def tasks_pause(task_id: str) -> None:
+    """Pause a task: its worker checkpoints and lets go of it until `tasks resume`."""
+    if _client_call(lambda client: client.pause(task_id)):
+        sys.stdout.write(f"paused {task_id}\n")
+    else:
+        sys.stdout.write(f"{task_id} had ended or was paused already\n")
+
+
+@tasks_app.command("resume")
+def tasks_resume(task_id: str) -> None:
+    """Resume a paused task from its last checkpoint."""
+    if _client_call(lambda client: client.resume(task_id)):
+        sys.stdout.write(f"resumed {task_id}\n")
+    else:
+        sys.stdout.write(f"{task_id} was not paused\n")
+
+
+@tasks_app.command("pending")
+def tasks_pending() -> None:
+    """Per service, how many tasks are queued, running, retrying or paused."""
+    found = _client_call(lambda client: client.pending_work())
+    table = Table("service", "queued", "running", "retrying", "paused")
+    for service, counts in sorted(found.items()):
+        table.add_row(service, *(str(counts.get(s, 0))
+                                 for s in ("queued", "running", "retrying", "paused")))
+    console.print(table)
 
 
 @tasks_app.command("dead-letters")

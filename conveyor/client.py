@@ -23,11 +23,14 @@ from conveyor.contracts import (
     InvalidMessage,
     NewTask,
     NewTaskMessage,
+    PauseTaskMessage,
     Query,
     QueryMessage,
     QueryResultMessage,
+    ResumeTaskMessage,
     SendEvent,
     SendEventMessage,
+    TaskControl,
     TaskError,
     TaskStream,
     TaskStreamMessage,
@@ -186,12 +189,19 @@ class Client:
         session_id: str | None = None,
         task_id: str | None = None,
         parent_task_id: str | None = None,
+        max_retries: int | None = None,
+        attempt_timeout: float | None = None,
         **input: Any,
     ) -> str:
-        """Publish a NEW_TASK and return its task id."""
+        """Publish a NEW_TASK and return its task id.
+
+        `max_retries` and `attempt_timeout` override the service's retry and timeout
+        settings for this task; every other keyword is the workflow's input.
+        """
         task = NewTask(
             service=service, session_id=session_id, input=input, reply_to=self._reply_to,
-            parent_task_id=parent_task_id, **({"task_id": task_id} if task_id else {}),
+            parent_task_id=parent_task_id, max_retries=max_retries, timeout=attempt_timeout,
+            **({"task_id": task_id} if task_id else {}),
         )
         self._waiting.setdefault(task.task_id, asyncio.get_running_loop().create_future())
         message = NewTaskMessage(type=CONTROL_PLANE, publisher_id=self.publisher_id, data=task)
@@ -206,10 +216,17 @@ class Client:
         session_id: str | None = None,
         task_id: str | None = None,
         timeout: float | None = None,
+        max_retries: int | None = None,
+        attempt_timeout: float | None = None,
         **input: Any,
     ) -> Any:
-        """Run a task to its end and return the workflow's result; raises TaskFailed."""
-        task_id = await self.run_nowait(service, session_id=session_id, task_id=task_id, **input)
+        """Run a task to its end and return the workflow's result; raises TaskFailed.
+
+        `timeout` bounds the wait here; `attempt_timeout` bounds each attempt's run.
+        """
+        task_id = await self.run_nowait(service, session_id=session_id, task_id=task_id,
+                                        max_retries=max_retries,
+                                        attempt_timeout=attempt_timeout, **input)
         return await self.result(task_id, timeout=timeout)
 
     # Following tasks
@@ -312,11 +329,42 @@ class Client:
     async def cancel(self, task_id: str, reason: str = "cancelled by request") -> bool:
         """Cancel a task and its inner tasks; False if it had already ended."""
         cancel = CancelTask(task_id=task_id, reason=reason, reply_to=self._reply_to)
-        message = CancelTaskMessage(type=CONTROL_PLANE, publisher_id=self.publisher_id,
-                                    data=cancel)
+        return await self._steer(CancelTaskMessage, cancel)
+
+    async def pause(self, task_id: str) -> bool:
+        """Pause a task: its worker checkpoints and lets go of it; nothing runs it until
+        resume(). False if it had ended or was paused already."""
+        return await self._steer(PauseTaskMessage, TaskControl(task_id=task_id,
+                                                               reply_to=self._reply_to))
+
+    async def resume(self, task_id: str) -> bool:
+        """Resume a paused task from its last checkpoint; False if it was not paused."""
+        return await self._steer(ResumeTaskMessage, TaskControl(task_id=task_id,
+                                                                reply_to=self._reply_to))
+
+    async def _steer(self, kind: type, control: TaskControl) -> bool:
+        message = kind(type=CONTROL_PLANE, publisher_id=self.publisher_id, data=control)
         answer = await self._request(message, topic(self.settings.namespace, CONTROL_PLANE),
-                                     "cancel", key=task_id)
-        return answer["cancelled"]
+                                     message.action.value, key=control.task_id)
+        return answer["done"]
+
+    async def errors(self, task_id: str) -> list[dict[str, Any]]:
+        """The error of every failed attempt of a task, in order."""
+        record = await self.get_task(task_id)
+        if record is None:
+            raise QueryFailed(f"UnknownTask: no task {task_id!r}")
+        return record["errors"]
+
+    async def metrics(self, task_id: str) -> dict[str, Any]:
+        """A task's attempts, streamed events and the seconds each run of each step took."""
+        record = await self.get_task(task_id)
+        if record is None:
+            raise QueryFailed(f"UnknownTask: no task {task_id!r}")
+        return {key: record[key] for key in ("attempts", "events", "steps")}
+
+    async def pending_work(self) -> dict[str, dict[str, int]]:
+        """Per service, how many tasks are queued, running, retrying or paused."""
+        return await self._ask(Query(kind="pending_work", reply_to=self._reply_to))
 
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
         """The control plane's record of a task, or None if it has none."""
@@ -332,10 +380,12 @@ class Client:
         service: str | None = None,
         status: str | None = None,
         session_id: str | None = None,
+        owner: str | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
+        """Tasks, newest first; `owner` is the publisher_id that started them."""
         query = Query(kind="list_tasks", service=service, status=status, session_id=session_id,
-                      limit=limit, reply_to=self._reply_to)
+                      owner=owner, limit=limit, reply_to=self._reply_to)
         return await self._ask(query)
 
     async def list_services(self) -> list[dict[str, Any]]:

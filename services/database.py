@@ -64,6 +64,7 @@ tasks = Table(
     Column("error", JSON),
     Column("attempts", Integer, nullable=False, default=0),
     Column("events", Integer, nullable=False, default=0),
+    Column("steps", JSON),  # seconds each run of each step took, in the last attempt
     Column("reply_to", String(300)),
     Column("stream", Boolean, nullable=False, default=False),
     Column("created_at", UTCDateTime(), nullable=False),
@@ -156,12 +157,24 @@ dispatches = Table(
     Column("parent_task_id", String(200), index=True),
     Column("finished", Boolean, nullable=False, default=False),
     Column("cancelled", Boolean, nullable=False, default=False),
+    Column("paused", Boolean, nullable=False, default=False),
+    Column("retry_at", UTCDateTime(), index=True),  # when the next attempt is due
     Column("task", JSON),  # the NEW_TASK, to dispatch again
     Column("dispatched_at", UTCDateTime(), nullable=False),
     # The lease: set by the worker that takes the attempt, renewed by its heartbeats.
     Column("instance_id", String(200)),
     Column("started_at", UTCDateTime()),
     Column("heartbeat_at", UTCDateTime(), index=True),
+)
+
+attempt_errors = Table(
+    "attempt_errors",
+    metadata,
+    Column("task_id", String(200), primary_key=True),
+    Column("attempt", Integer, primary_key=True, autoincrement=False),
+    Column("type", String(200), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
 )
 
 checkpoints = Table(

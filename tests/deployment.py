@@ -23,6 +23,7 @@ SERVICES = {
     "recorded": "sample_workflows:recorded",
     "unserializable": "sample_workflows:unserializable",
     "stepper": "sample_workflows:stepper",
+    "flaky": "sample_workflows:flaky",
 }
 # Second replicas: part name -> the service it is another replica of.
 REPLICAS = {"stepper-b": "stepper"}
@@ -151,6 +152,12 @@ WAIT_FOR_INPUT = {"greeter"}
 async def registered(client: Client, service: str) -> bool:
     found = {s["name"]: s for s in await client.list_services()}
     return service in found and any(i["alive"] for i in found[service]["instances"])
+
+
+async def noted(log: Path, line: str) -> bool:
+    """Whether a process has written `line` to the file `log` (for `eventually`)."""
+    # A tiny file another process writes: nothing to wait on but the file itself.
+    return log.exists() and line in log.read_text().split()  # noqa: ASYNC240
 
 
 async def eventually(check, timeout: float = 15.0):

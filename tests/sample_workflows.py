@@ -44,9 +44,11 @@ class Done(Event):
     pass
 
 
-def note(path: str, line: str) -> None:
+def note(path: str, line: str) -> int:
+    """Append a line to the file; returns how many lines it now has."""
     with Path(path).open("a") as log:
         log.write(f"{line}\n")
+    return len(Path(path).read_text().split())
 
 
 class Stepper(Workflow):
@@ -78,3 +80,24 @@ class Stepper(Workflow):
 
 
 stepper = Stepper(timeout=None)
+
+
+class Flake(RuntimeError):
+    """A failure that may pass on the next attempt."""
+
+
+class Flaky(Workflow):
+    """Fails its step the first `failures` times it runs (counted in the file `log`) with
+    the exception named by `raises`; with `hang`, the step then sleeps that long."""
+
+    @step
+    async def work(self, ev: StartEvent) -> StopEvent:
+        runs = note(ev.get("log"), "run")
+        if runs <= int(ev.get("failures", 0)):
+            kind = {"ValueError": ValueError}.get(ev.get("raises"), Flake)
+            raise kind(f"failure {runs}")
+        await asyncio.sleep(float(ev.get("hang", 0)))
+        return StopEvent(result={"runs": runs})
+
+
+flaky = Flaky(timeout=None)

@@ -30,16 +30,21 @@ from conveyor.contracts import (
     MessageTooLarge,
     NewTask,
     NewTaskMessage,
+    PauseTaskMessage,
     Query,
     QueryMessage,
     QueryResult,
     QueryResultMessage,
     RegisterService,
     RegisterServiceMessage,
+    ResumeTaskMessage,
     RunningTask,
     SendEvent,
     SendEventMessage,
+    TaskControl,
     TaskError,
+    TaskStatusMessage,
+    TaskStatusUpdate,
     TaskStream,
     TaskStreamMessage,
     encode,
@@ -271,6 +276,17 @@ SAMPLES = {
         type="control_plane",
         data=CancelTask(task_id="t-1", reason="not needed", reply_to="conveyor.reply.c-1"),
     ),
+    PauseTaskMessage: PauseTaskMessage(
+        type="control_plane", data=TaskControl(task_id="t-1", reply_to="conveyor.reply.c-1"),
+    ),
+    ResumeTaskMessage: ResumeTaskMessage(
+        type="control_plane", data=TaskControl(task_id="t-1"),
+    ),
+    TaskStatusMessage: TaskStatusMessage(
+        type="control_plane",
+        data=TaskStatusUpdate(task_id="t-1", service="my_workflow", status="retrying",
+                              attempt=2, error=ERROR, retry_in=1.5),
+    ),
     CompletedTaskMessage: CompletedTaskMessage(
         type="control_plane",
         data=CompletedTask(
@@ -281,6 +297,7 @@ SAMPLES = {
             error=ERROR,
             attempt=3,
             events=7,
+            steps={"work": [0.25, 0.5]},
         ),
     ),
     RegisterServiceMessage: RegisterServiceMessage(

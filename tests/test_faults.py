@@ -3,9 +3,8 @@
 import asyncio
 import os
 import signal
-from pathlib import Path
 
-from .deployment import eventually
+from .deployment import eventually, noted
 
 
 async def test_kill9_control_plane_mid_load_loses_nothing(fresh_deployment):
@@ -27,11 +26,6 @@ async def test_kill9_control_plane_mid_load_loses_nothing(fresh_deployment):
           f"{sum(r['status'] == 'completed' for r in recorded.values())} records completed")
     assert [o.result for o in outcomes] == [{"echo": {"n": n}} for n in range(200)]
     assert all(recorded[i]["status"] == "completed" for i in ids)
-
-
-async def noted(log: Path, step: str) -> bool:
-    # A tiny file another process writes: nothing to wait on but the file itself.
-    return log.exists() and step in log.read_text().split()  # noqa: ASYNC240
 
 
 async def test_kill9_of_a_worker_mid_task_resumes_it_from_its_checkpoint(fresh_deployment,

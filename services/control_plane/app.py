@@ -23,12 +23,15 @@ from conveyor.contracts import (
     HeartbeatMessage,
     InvalidMessage,
     NewTaskMessage,
+    PauseTaskMessage,
     QueryMessage,
     QueryResult,
     QueryResultMessage,
     RegisterServiceMessage,
+    ResumeTaskMessage,
     SendEventMessage,
     TaskError,
+    TaskStatusMessage,
     TaskStream,
     TaskStreamMessage,
     broadcast_topic,
@@ -99,8 +102,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
                                  "from a replaced attempt", outcome.task_id, outcome.attempt)
                     else:
                         await _tell_outcome(broker, settings, message, waiting)
-                case CancelTaskMessage():
-                    return  # the orchestrator's to act on; the outcome comes back here
+                case TaskStatusMessage(data=change):
+                    await state.record_status(conn, change)
+                case CancelTaskMessage() | PauseTaskMessage() | ResumeTaskMessage():
+                    return  # the orchestrator's to act on; what follows comes back here
                 case _:
                     await rejected(body, source, InvalidMessage(
                         f"action {message.action.value!r} is not taken on {source}"))
@@ -239,6 +244,8 @@ async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage
             case "get_checkpoint":
                 return await checkpoints.describe(
                     conn, _required(query.task_id, "task_id")), False
+            case "pending_work":
+                return await state.pending_work(conn), False
             case "get_counters":
                 return await counters.read(conn), False
             case "create_session":

@@ -20,11 +20,22 @@ from conveyor.contracts import (
     Query,
     RegisterService,
     SendEvent,
+    TaskStatusUpdate,
     TaskStream,
 )
 
 from .. import checkpoints, counters
-from ..database import dead_letters, events, inbox, instances, now, services, tasks, watchers
+from ..database import (
+    attempt_errors,
+    dead_letters,
+    events,
+    inbox,
+    instances,
+    now,
+    services,
+    tasks,
+    watchers,
+)
 
 
 class EventRefused(ValueError):
@@ -113,11 +124,14 @@ async def record_outcome(
             error=outcome.error.model_dump() if outcome.error else None,
             attempts=outcome.attempt,
             events=outcome.events,
+            steps=outcome.steps or None,
             finished_at=now(),
         )
     )
     if stored.rowcount == 0:
         return None
+    if outcome.error is not None and outcome.status == "failed":
+        await _keep_error(conn, outcome.task_id, outcome.attempt, outcome.error)
     if outcome.reply_to is None:
         # An outcome the orchestrator made (a cancellation) goes where the task asked too.
         outcome.reply_to = (
@@ -159,6 +173,51 @@ async def append_event(conn: AsyncConnection, stream: TaskStream) -> bool:
         )
     )
     return True
+
+
+async def record_status(conn: AsyncConnection, change: TaskStatusUpdate) -> None:
+    """A task between start and end: retrying (keeping the failed attempt's error), paused,
+    queued again. A task that has ended keeps its final status."""
+    if change.error is not None:
+        await _keep_error(conn, change.task_id, change.attempt, change.error)
+    values: dict[str, Any] = {"status": change.status}
+    if change.attempt:
+        values["attempts"] = change.attempt
+    await conn.execute(
+        update(tasks)
+        .where(tasks.c.task_id == change.task_id, tasks.c.status.not_in(FINAL_STATUSES))
+        .values(**values)
+    )
+
+
+async def _keep_error(conn: AsyncConnection, task_id: str, attempt: int, error: Any) -> None:
+    await conn.execute(_insert_ignoring_duplicates(
+        conn, attempt_errors, task_id=task_id, attempt=attempt, type=error.type,
+        message=error.message, at=now(),
+    ))
+
+
+async def errors_of(conn: AsyncConnection, task_id: str) -> list[dict[str, Any]]:
+    """Every failed attempt's error, in order."""
+    found = await conn.execute(
+        select(attempt_errors).where(attempt_errors.c.task_id == task_id)
+        .order_by(attempt_errors.c.attempt)
+    )
+    return [{"attempt": row.attempt, "type": row.type, "message": row.message,
+             "at": _iso(row.at)} for row in found]
+
+
+async def pending_work(conn: AsyncConnection) -> dict[str, dict[str, int]]:
+    """Per service, how many tasks wait, run, wait to retry or are paused."""
+    found = await conn.execute(
+        select(tasks.c.service, tasks.c.status, func.count())
+        .where(tasks.c.status.not_in(FINAL_STATUSES))
+        .group_by(tasks.c.service, tasks.c.status)
+    )
+    pending: dict[str, dict[str, int]] = {}
+    for service, status, count in found:
+        pending.setdefault(service, {})[status] = count
+    return pending
 
 
 async def stream_watchers(conn: AsyncConnection, task_id: str) -> list[str]:
@@ -284,7 +343,8 @@ async def record_heartbeat(conn: AsyncConnection, beat: Heartbeat) -> None:
     for running in beat.running:
         await conn.execute(
             update(tasks)
-            .where(and_(tasks.c.task_id == running.task_id, tasks.c.status == "queued"))
+            .where(and_(tasks.c.task_id == running.task_id,
+                        tasks.c.status.in_(("queued", "retrying"))))
             .values(status="running", started_at=moment, attempts=running.attempt)
         )
 
@@ -323,6 +383,7 @@ def task_view(row: Any) -> dict[str, Any]:
         "error": row.error,
         "attempts": row.attempts,
         "events": row.events,
+        "steps": row.steps or {},
         "created_at": _iso(row.created_at),
         "started_at": _iso(row.started_at),
         "finished_at": _iso(row.finished_at),
@@ -339,8 +400,11 @@ async def service_of(conn: AsyncConnection, task_id: str) -> str:
 
 
 async def get_task(conn: AsyncConnection, task_id: str) -> dict[str, Any] | None:
+    """The task's record, with every failed attempt's error."""
     row = (await conn.execute(select(tasks).where(tasks.c.task_id == task_id))).first()
-    return task_view(row) if row else None
+    if row is None:
+        return None
+    return task_view(row) | {"errors": await errors_of(conn, task_id)}
 
 
 async def watch_task(
@@ -350,7 +414,7 @@ async def watch_task(
     await _lock_task(conn, task_id)
     row = (await conn.execute(select(tasks).where(tasks.c.task_id == task_id))).first()
     if row is not None and row.status in FINAL_STATUSES:
-        return task_view(row)
+        return await get_task(conn, task_id)
     await conn.execute(
         _insert_ignoring_duplicates(
             conn, watchers, task_id=task_id, reply_to=reply_to, request_id=request_id
@@ -367,6 +431,8 @@ async def list_tasks(conn: AsyncConnection, query: Query) -> list[dict[str, Any]
         statement = statement.where(tasks.c.status == query.status)
     if query.session_id:
         statement = statement.where(tasks.c.session_id == query.session_id)
+    if query.owner:
+        statement = statement.where(tasks.c.publisher_id == query.owner)
     return [task_view(row) for row in await conn.execute(statement)]
 
 

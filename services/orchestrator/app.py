@@ -26,10 +26,14 @@ from conveyor.contracts import (
     InvalidMessage,
     NewTask,
     NewTaskMessage,
+    PauseTaskMessage,
     QueryResult,
     QueryResultMessage,
     RegisterServiceMessage,
+    ResumeTaskMessage,
     TaskError,
+    TaskStatusMessage,
+    TaskStatusUpdate,
     broadcast_topic,
     parse_message,
     service_topic,
@@ -58,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     engine: AsyncEngine | None = None
     registered: set[str] = set()
     sweeper: asyncio.Task | None = None
+    timers: set[asyncio.Task] = set()  # retries waiting for their time
 
     async def is_registered(service: str) -> bool:
         if service not in registered:
@@ -115,6 +120,68 @@ def create_app(settings: Settings | None = None) -> FastStream:
                     await state.mark_finished(conn, outcome.task_id, outcome.attempt)
             case CancelTaskMessage():
                 await cancel(message)
+            case PauseTaskMessage() | ResumeTaskMessage():
+                await steer(message)
+            case TaskStatusMessage(data=update) if update.status == "retrying":
+                await retry_later(update)
+
+    async def retry_later(update: TaskStatusUpdate) -> None:
+        """Move a task whose attempt failed to its next attempt, dispatched when due."""
+        async with engine.begin() as conn:
+            moved = await state.schedule_retry(conn, update.task_id, update.attempt,
+                                               update.retry_in or 0)
+        if moved:
+            timers.add(timer := asyncio.create_task(dispatch_due_in(update.retry_in or 0)))
+            timer.add_done_callback(timers.discard)
+
+    async def dispatch_due_in(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await dispatch_due()
+
+    async def dispatch_due() -> None:
+        async with engine.begin() as conn:
+            for item in await state.take_due(conn):
+                await redispatch(item["task"], item["attempt"])
+
+    async def redispatch(task_data: dict, attempt: int) -> None:
+        task = NewTask.model_validate(task_data)
+        message = DispatchTaskMessage(type=task.service, publisher_id=publisher_id,
+                                      data=DispatchTask(task=task, attempt=attempt))
+        await publish(broker, settings, message, service_topic(ns, task.service),
+                      key=task.task_id)
+
+    async def steer(message: PauseTaskMessage | ResumeTaskMessage) -> None:
+        """Pause a task (its worker checkpoints and lets go of it) or resume it as its next
+        attempt, from that checkpoint; the control plane hears of its new status."""
+        request = message.data
+        pausing = isinstance(message, PauseTaskMessage)
+        async with engine.begin() as conn:
+            found = await (state.pause if pausing else state.resume)(conn, request.task_id)
+            if found.done:
+                status = TaskStatusUpdate(task_id=request.task_id, service=found.service,
+                                          status="paused" if pausing else "queued",
+                                          attempt=found.attempt)
+                await publish(broker, settings, TaskStatusMessage(
+                    type=CONTROL_PLANE, publisher_id=publisher_id, data=status),
+                    topic(ns, CONTROL_PLANE), key=request.task_id)
+                if pausing:
+                    await publish(broker, settings, message,
+                                  broadcast_topic(ns, found.service), partition=0)
+                else:
+                    await redispatch(found.task, found.attempt)
+        await answer(message, found.found, found.done)
+
+    async def answer(message, found: bool, done: bool) -> None:
+        request = message.data
+        if not request.reply_to:
+            return
+        reply = QueryResult(request_id=message.id,
+                            result={"task_id": request.task_id, "done": done})
+        if not found:
+            reply = QueryResult(request_id=message.id, error=TaskError(
+                type="UnknownTask", message=f"no task {request.task_id!r} was dispatched"))
+        await publish(broker, settings, QueryResultMessage(
+            type=QUERY, publisher_id=publisher_id, data=reply), request.reply_to)
 
     async def cancel(message: CancelTaskMessage) -> None:
         """End a task as cancelled: record the outcome, stop the instance running it (if
@@ -139,15 +206,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
                     await publish(broker, settings, CancelTaskMessage(
                         type=CONTROL_PLANE, publisher_id=publisher_id, data=inner),
                         topic(ns, CONTROL_PLANE), key=child)
-        if request.reply_to:
-            answer = QueryResult(request_id=message.id,
-                                 result={"task_id": request.task_id,
-                                         "cancelled": found.cancelled_now})
-            if not found.found:
-                answer = QueryResult(request_id=message.id, error=TaskError(
-                    type="UnknownTask", message=f"no task {request.task_id!r} was dispatched"))
-            await publish(broker, settings, QueryResultMessage(
-                type=QUERY, publisher_id=publisher_id, data=answer), request.reply_to)
+        await answer(message, found.found, found.cancelled_now)
 
     @subscribe_system(broker, settings, REGISTRY, "orchestrator")
     async def on_registry(body: bytes) -> None:
@@ -170,6 +229,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
             await asyncio.sleep(settings.heartbeat_interval)
             try:
                 await recover_expired()
+                await dispatch_due()
             except Exception:  # the next sweep tries again
                 log.exception("sweep for expired leases failed")
 
@@ -177,15 +237,9 @@ def create_app(settings: Settings | None = None) -> FastStream:
         async with engine.begin() as conn:
             expired = await state.take_expired(conn, settings.heartbeat_timeout)
             for item in expired:
-                task = NewTask.model_validate(item["task"])
                 log.warning("task %s: its worker went silent; dispatching attempt %d",
-                            task.task_id, item["attempt"])
-                message = DispatchTaskMessage(
-                    type=task.service, publisher_id=publisher_id,
-                    data=DispatchTask(task=task, attempt=item["attempt"]),
-                )
-                await publish(broker, settings, message, service_topic(ns, task.service),
-                              key=task.task_id)
+                            item["task"]["task_id"], item["attempt"])
+                await redispatch(item["task"], item["attempt"])
             if expired:
                 await counters.add(conn, counters.RECOVERED, len(expired))
 
@@ -196,9 +250,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
             registered.update(await state.known_services(conn))
 
     async def stop_sweeping() -> None:
-        if sweeper is not None:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
+        for waiting in [sweeper, *timers]:
+            if waiting is not None:
+                waiting.cancel()
+        await asyncio.gather(*timers, *([sweeper] if sweeper else []), return_exceptions=True)
 
     async def stop() -> None:
         if engine is not None:

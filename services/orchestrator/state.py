@@ -50,7 +50,7 @@ async def take_expired(conn: AsyncConnection, timeout: float, limit: int = 100) 
     statement = (
         select(dispatches.c.task_id, dispatches.c.attempt, dispatches.c.task)
         .where(dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
-               dispatches.c.heartbeat_at < silent_since)
+               dispatches.c.paused.is_(False), dispatches.c.heartbeat_at < silent_since)
         .limit(limit)
     )
     if conn.dialect.name == "postgresql":
@@ -59,10 +59,78 @@ async def take_expired(conn: AsyncConnection, timeout: float, limit: int = 100) 
     for task_id, attempt, _ in expired:
         await conn.execute(
             update(dispatches).where(dispatches.c.task_id == task_id)
-            .values(attempt=attempt + 1, dispatched_at=now(), instance_id=None,
-                    started_at=None, heartbeat_at=None)
+            .values(attempt=attempt + 1, dispatched_at=now(), **NO_LEASE)
         )
     return [{"task": task, "attempt": attempt + 1} for _, attempt, task in expired if task]
+
+
+NO_LEASE = {"instance_id": None, "started_at": None, "heartbeat_at": None}
+
+
+def _open(task_id: str):
+    """The dispatch of a task that may still run: not finished, not cancelled."""
+    return (dispatches.c.task_id == task_id, dispatches.c.finished.is_(False),
+            dispatches.c.cancelled.is_(False))
+
+
+async def schedule_retry(conn: AsyncConnection, task_id: str, attempt: int,
+                         retry_in: float) -> bool:
+    """Move a task whose `attempt` failed to its next attempt, due in `retry_in` seconds."""
+    moved = await conn.execute(
+        update(dispatches)
+        .where(*_open(task_id), dispatches.c.attempt == attempt, dispatches.c.paused.is_(False))
+        .values(attempt=attempt + 1, retry_at=now() + timedelta(seconds=retry_in), **NO_LEASE)
+    )
+    return moved.rowcount == 1
+
+
+async def take_due(conn: AsyncConnection, limit: int = 100) -> list[dict]:
+    """Retries whose time has come, taken to be dispatched (SKIP LOCKED, as take_expired)."""
+    statement = (
+        select(dispatches.c.task_id, dispatches.c.attempt, dispatches.c.task)
+        .where(dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
+               dispatches.c.paused.is_(False), dispatches.c.retry_at <= now())
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        statement = statement.with_for_update(skip_locked=True)
+    due = (await conn.execute(statement)).all()
+    for task_id, _, _ in due:
+        await conn.execute(update(dispatches).where(dispatches.c.task_id == task_id)
+                           .values(retry_at=None, dispatched_at=now()))
+    return [{"task": task, "attempt": attempt} for _, attempt, task in due if task]
+
+
+class Steered(NamedTuple):
+    found: bool  # the task was ever dispatched
+    done: bool  # this request changed it
+    service: str
+    task: dict | None = None  # for a resumed task: the NEW_TASK to dispatch again
+    attempt: int = 0  # for a resumed task: its new attempt
+
+
+async def pause(conn: AsyncConnection, task_id: str) -> Steered:
+    """Mark a task paused: no worker starts it, its lease is not swept, retries wait."""
+    paused = await conn.execute(
+        update(dispatches).where(*_open(task_id), dispatches.c.paused.is_(False))
+        .values(paused=True, retry_at=None)
+    )
+    row = (await conn.execute(select(dispatches).where(dispatches.c.task_id == task_id))).first()
+    return Steered(row is not None, paused.rowcount == 1, row.service if row else "")
+
+
+async def resume(conn: AsyncConnection, task_id: str) -> Steered:
+    """Unpause a task as its next attempt, which resumes from its last checkpoint."""
+    row = (await conn.execute(select(dispatches).where(dispatches.c.task_id == task_id))).first()
+    if row is None:
+        return Steered(False, False, "")
+    resumed = await conn.execute(
+        update(dispatches).where(*_open(task_id), dispatches.c.paused.is_(True))
+        .values(paused=False, attempt=row.attempt + 1, dispatched_at=now(), **NO_LEASE)
+    )
+    if resumed.rowcount == 0:
+        return Steered(True, False, row.service)
+    return Steered(True, True, row.service, row.task, row.attempt + 1)
 
 
 class Cancellation(NamedTuple):

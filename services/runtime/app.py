@@ -29,10 +29,14 @@ from conveyor.contracts import (
     Heartbeat,
     HeartbeatMessage,
     InvalidMessage,
+    PauseTaskMessage,
     RegisterService,
     RegisterServiceMessage,
     RunningTask,
     SendEventMessage,
+    TaskError,
+    TaskStatusMessage,
+    TaskStatusUpdate,
     TaskStream,
     TaskStreamMessage,
     broadcast_topic,
@@ -70,6 +74,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     running: dict[str, int] = {}
     holding: dict[str, TaskRun] = {}
     runs: dict[str, asyncio.Task] = {}
+    stopping: dict[str, str] = {}  # why a run was stopped on request, when not cancelled
     # Nested workflows: inner tasks are started and awaited over this service's connection.
     caller = Client(settings=settings, broker=broker, publisher_id=instance_id)
     heartbeats: asyncio.Task | None = None
@@ -103,6 +108,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                                        inbox_seq=inbox_seq, streamed=index)
 
         running[task.task_id] = dispatch.attempt
+        task_run = None
         try:
             async with engine.begin() as conn:
                 start = await starting_point(conn, task, dispatch.attempt, instance_id, key)
@@ -119,6 +125,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 workflow, task, stream, accepted=accepted, state=start.state,
                 resume_from=resumed.context if resumed else None,
                 taken_before=resumed.inbox_seq if resumed else 0, on_checkpoint=checkpoint,
+                step_timeout=settings.step_timeout,
+                task_timeout=task.timeout or settings.task_timeout,
             )
             for item in start.sent:
                 deliver(task_run, item["seq"], item["event"], item["step"])
@@ -135,23 +143,42 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # this service is stopping
-            log.info("task %s cancelled", task.task_id)
-            return  # cancelled on request: the orchestrator has recorded the outcome
+            log.info("task %s %s", task.task_id, stopping.pop(task.task_id, "cancelled"))
+            return  # on request: the orchestrator has told the control plane
         except StaleAttempt as exc:
             log.warning("task %s stopped: %s", task.task_id, exc)
             return  # a later attempt holds the task now
         except Exception as exc:  # the step's failure is the task's outcome, never a crash
             log.info("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
-            outcome.status, outcome.error = "failed", describe(exc)
+            error = describe(exc)
+            policy = settings.retry_policy(task.max_retries)
+            if policy.retries(dispatch.attempt, error.type):
+                await retry_later(dispatch, error, policy.delay(dispatch.attempt))
+                return
+            if dispatch.attempt > 1 or settings.max_retries or task.max_retries is not None:
+                # Where retries are a thing at all, the error says why there was no other.
+                error.message += f" ({policy.why_not(dispatch.attempt, error.type)})"
+            outcome.status, outcome.error = "failed", error
         finally:
             running.pop(task.task_id, None)
             holding.pop(task.task_id, None)
             runs.pop(task.task_id, None)
         outcome.events = index
+        outcome.steps = task_run.steps if task_run else {}
         await emit(
             CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome),
             topic(ns, CONTROL_PLANE), task.task_id,
         )
+
+    async def retry_later(dispatch: DispatchTask, error: TaskError, delay: float) -> None:
+        """Tell the control plane and the orchestrator: this attempt failed, try again."""
+        task = dispatch.task
+        log.info("task %s: attempt %d failed, retrying in %.2f s", task.task_id,
+                 dispatch.attempt, delay)
+        change = TaskStatusUpdate(task_id=task.task_id, service=name, status="retrying",
+                                  attempt=dispatch.attempt, error=error, retry_in=delay)
+        await emit(TaskStatusMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=change),
+                   topic(ns, CONTROL_PLANE), task.task_id)
 
     def deliver(task_run: TaskRun, seq: int, event, step: str | None) -> None:
         try:
@@ -174,6 +201,12 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             case CancelTaskMessage(data=cancel):
                 runner = runs.get(cancel.task_id)
                 if runner is not None:
+                    runner.cancel()
+            case PauseTaskMessage(data=pause):
+                runner, task_run = runs.get(pause.task_id), holding.get(pause.task_id)
+                if runner is not None and task_run is not None:
+                    stopping[pause.task_id] = "paused"
+                    await task_run.checkpoint()  # what it has done so far, kept
                     runner.cancel()
 
     @subscribe(broker, settings, own_topic, own_topic, concurrency=settings.max_concurrent_tasks)

@@ -31,7 +31,8 @@ async def starting_point(
     claimed = await conn.execute(
         update(dispatches)
         .where(dispatches.c.task_id == task.task_id, dispatches.c.attempt == attempt,
-               dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False))
+               dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
+               dispatches.c.paused.is_(False))
         .values(instance_id=instance_id, started_at=now(), heartbeat_at=now())
     )
     if claimed.rowcount == 0:
@@ -55,6 +56,8 @@ async def _why_not(conn: AsyncConnection, task_id: str, attempt: int) -> str:
         return "the orchestrator never dispatched it"
     if row.cancelled:
         return "it was cancelled"
+    if row.paused:
+        return "it is paused"
     if row.attempt != attempt:
         return f"attempt {attempt} was replaced by attempt {row.attempt}"
     return "it has ended"

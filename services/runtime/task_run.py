@@ -11,9 +11,11 @@ UnhandledEvent), so such an event is held back and sent again each time the work
 goes idle waiting for input (WorkflowIdleEvent): an answer that comes early is not lost.
 """
 
+import asyncio
 import inspect
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,6 +38,14 @@ from conveyor.contracts import EventEnvelope, NewTask
 from .worker import envelope, jsonable
 
 log = logging.getLogger("conveyor.runtime")
+
+
+class StepTimeout(TimeoutError):
+    """A step ran longer than the service's step timeout; the attempt ends."""
+
+
+class TaskTimeout(TimeoutError):
+    """An attempt ran longer than its task timeout; the attempt ends."""
 
 
 class EventNotAccepted(ValueError):
@@ -93,6 +103,8 @@ class TaskRun:
         resume_from: dict[str, Any] | None = None,
         taken_before: int = 0,
         on_checkpoint: Callable[[dict[str, Any], int], Awaitable[None]] | None = None,
+        step_timeout: float | None = None,
+        task_timeout: float | None = None,
     ) -> None:
         self.workflow = workflow
         self.task = task
@@ -102,6 +114,13 @@ class TaskRun:
         self.resume_from = resume_from
         self.on_checkpoint = on_checkpoint
         self.streamed = 0
+        self.steps: dict[str, list[float]] = {}  # seconds each run of each step took
+        self.step_timeout = step_timeout
+        self.task_timeout = task_timeout
+        self._started: dict[tuple[str, str], float] = {}
+        self._overdue_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._overdue: StepTimeout | None = None
+        self._running: asyncio.Task | None = None
         self._taken_before = taken_before  # inbox events its checkpoint had taken
         self._stop_name = str(workflow.stop_event_class)
         self._handler = None
@@ -145,6 +164,27 @@ class TaskRun:
                 self._send(*item)
 
     async def run(self) -> Any:
+        """The workflow's result; raises what the workflow raised, or a timeout."""
+        self._running = asyncio.current_task()
+        try:
+            async with asyncio.timeout(self.task_timeout) as limit:
+                return await self._run()
+        except asyncio.CancelledError:
+            if self._overdue is not None:
+                self._running.uncancel()
+                raise self._overdue from None
+            raise
+        except TimeoutError:
+            if limit.expired():
+                raise TaskTimeout(
+                    f"the attempt ran longer than the task timeout of {self.task_timeout} s"
+                ) from None
+            raise
+        finally:
+            for timer in self._overdue_timers.values():
+                timer.cancel()
+
+    async def _run(self) -> Any:
         if self.resume_from is not None:
             ctx = Context.from_dict(self.workflow, self.resume_from)
             self._handler = handler = self.workflow.run(ctx=ctx)
@@ -169,9 +209,34 @@ class TaskRun:
                 await handler.cancel_run()
 
     async def _after_step(self, event: StepStateChanged) -> None:
-        finished = event.step_state == StepState.NOT_RUNNING
-        if finished and self.on_checkpoint and event.output_event_name != self._stop_name:
+        key = (event.name, event.worker_id)
+        if event.step_state == StepState.RUNNING:
+            self._started[key] = time.monotonic()
+            if self.step_timeout:
+                self._overdue_timers[key] = asyncio.get_running_loop().call_later(
+                    self.step_timeout, self._step_overdue, event.name)
+            return
+        if event.step_state != StepState.NOT_RUNNING:
+            return
+        if key in self._started:
+            self.steps.setdefault(event.name, []).append(
+                round(time.monotonic() - self._started.pop(key), 6))
+        if (timer := self._overdue_timers.pop(key, None)) is not None:
+            timer.cancel()
+        # A step that returned nothing may have failed: the checkpoint before it stands.
+        if event.output_event_name not in (None, self._stop_name):
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Hand the run's Context, as it is now, to on_checkpoint."""
+        if self.on_checkpoint and self._handler is not None:
             await self.on_checkpoint(self._handler.ctx.to_dict(), self.inbox_seq)
+
+    def _step_overdue(self, step: str) -> None:
+        self._overdue = StepTimeout(
+            f"step {step!r} ran longer than the step timeout of {self.step_timeout} s")
+        if self._running is not None:
+            self._running.cancel()
 
     def context_state(self) -> dict[str, Any] | None:
         """The run's state store, serialized, for the next task of its session."""
