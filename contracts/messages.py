@@ -56,16 +56,17 @@ class NewTask(Payload):
     """Start a run of a workflow service. The task id is the idempotency key."""
 
     task_id: str = Field(default_factory=new_id, min_length=1, max_length=200)
-    session_id: str | None = None
+    session_id: str | None = Field(default=None, min_length=1, max_length=200)
     service: str = Field(pattern=NAME_PATTERN)
     input: dict[str, Any] = Field(
         default_factory=dict, description="the start event's fields (the run's keyword arguments)"
     )
     reply_to: str | None = Field(
-        default=None, description="topic that receives the outcome (and the stream, if asked)"
+        default=None, max_length=300,
+        description="topic that receives the outcome (and the stream, if asked)",
     )
     stream: bool = Field(default=False, description="also send every streamed event to reply_to")
-    parent_task_id: str | None = None
+    parent_task_id: str | None = Field(default=None, max_length=200)
     max_retries: int | None = Field(
         default=None, ge=0, le=100,
         description="attempts after a failed one; the service's setting when absent",
@@ -276,7 +277,7 @@ class QueueMessage(BaseModel):
     id: str = Field(default_factory=new_id, min_length=1)
     type: str
     action: Action
-    publisher_id: str = ""
+    publisher_id: str = Field(default="", max_length=200)
     data: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -6,7 +6,11 @@ Kafka: the topic is the topic; a subscription is a consumer group; messages are 
 task id and offsets are committed after the handler has finished.
 """
 
+import asyncio
+import functools
+import hashlib
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -105,8 +109,48 @@ def subscribe(
     With `group=None` the subscription is private to this process (a reply topic): on
     RabbitMQ an exclusive auto-deleted queue, on Kafka a consumer outside any group.
     The handler receives the raw body and validates it itself, so that a malformed
-    message is answered and dead-lettered rather than dropped by the framework.
+    message is answered and dead-lettered rather than dropped by the framework. A handler
+    that raises has the message delivered again; one that keeps raising on the same message
+    (a poison message) has it dead-lettered with the reason, and the group moves on.
     """
+    subscriber = _subscriber(broker, settings, topic, group, concurrency)
+    if group is None:
+        return subscriber
+    return lambda handler: subscriber(_guarded(broker, settings, topic, handler))
+
+
+POISON_AFTER = 5  # failures of one message before it is dead-lettered
+
+
+def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
+    failures: dict[str, int] = {}
+
+    @functools.wraps(handler)
+    async def guarded(body: bytes) -> Any:
+        try:
+            return await handler(body)
+        except Exception as exc:
+            key = hashlib.sha256(body).hexdigest()
+            failures[key] = count = failures.get(key, 0) + 1
+            if count < POISON_AFTER:
+                _quiet.warning("handler on %s failed (%d of %d): %s: %s; delivering it again",
+                               topic, count, POISON_AFTER, type(exc).__name__, exc)
+                await asyncio.sleep(0.05 * 2 ** count)
+                raise  # NACK: the broker delivers it again
+            del failures[key]
+            from .dead_letters import reject
+
+            await reject(broker, settings, body=body, source_topic=topic,
+                         error_type="PoisonMessage",
+                         reason=f"its handler failed {count} times, last with "
+                                f"{type(exc).__name__}: {exc}",
+                         publisher_id=f"{topic}@{os.getpid()}")
+
+    return guarded
+
+
+def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | None,
+                concurrency: int):
     if isinstance(broker, RabbitBroker):
         if group is None:
             # Named apart per process: every instance of a service hears its broadcast topic.
@@ -118,7 +162,7 @@ def subscribe(
             queue,
             exchange(settings),
             channel=Channel(prefetch_count=concurrency),
-            ack_policy=AckPolicy.ACK if group else AckPolicy.ACK_FIRST,
+            ack_policy=AckPolicy.NACK_ON_ERROR if group else AckPolicy.ACK_FIRST,
             decoder=_raw_body,
         )
     options: dict[str, Any] = {
@@ -137,7 +181,7 @@ def subscribe(
     return broker.subscriber(
         Topic(topic, num_partitions=settings.kafka_partitions),
         group_id=group,
-        ack_policy=AckPolicy.ACK,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
         session_timeout_ms=6_000,
         heartbeat_interval_ms=1_000,
         **options,

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_idempotence: bool = False
     log_level: str = "INFO"
+    ttl_completed: float = Field(default=7 * 86400, gt=0, description="seconds a completed "
+                                 "task, its events and checkpoint are kept")
+    ttl_failed: float = Field(default=30 * 86400, gt=0)
+    ttl_cancelled: float = Field(default=7 * 86400, gt=0)
+    cleanup_interval: float = Field(default=60.0, gt=0, description="seconds between sweeps "
+                                    "for tasks past their TTL")
     signing_key: SecretStr | None = Field(
         default=None,
         description="HMAC key of stored checkpoints; generated once and kept with the state",
@@ -35,6 +41,12 @@ class Settings(BaseSettings):
     @classmethod
     def _namespace_is_a_name(cls, value: str) -> str:
         return check_name(value, "CONVEYOR_NAMESPACE")
+
+    @property
+    def ttls(self) -> dict[str, float]:
+        """Seconds a finished task is kept, by its final status."""
+        return {"completed": self.ttl_completed, "failed": self.ttl_failed,
+                "cancelled": self.ttl_cancelled}
 
     @property
     def broker_kind(self) -> Literal["rabbit", "kafka"]:

@@ -16,6 +16,8 @@ RETRYING = {
     "CONVEYOR_RETRY_BACKOFF": "0.2",
     "CONVEYOR_NOT_RETRIED": "ValueError",
     "CONVEYOR_STEP_TIMEOUT": "2",
+    "CONVEYOR_TTL_CANCELLED": "1",
+    "CONVEYOR_CLEANUP_INTERVAL": "0.5",
 }
 
 
@@ -107,6 +109,22 @@ async def test_a_paused_task_lets_go_of_its_worker_and_resumes_from_its_checkpoi
         assert await client.result(task_id, timeout=60) == {"blob": 0}
         assert await client.resume(task_id) is False  # it has ended
     assert log.read_text().split() == ["one", "two", "two", "three"]
+
+
+async def test_a_finished_task_is_removed_after_the_ttl_of_its_status(attempts_deployment, log):
+    async with attempts_deployment.client() as client:
+        kept = await client.run_nowait("flaky", log=str(log))
+        await client.result(kept, timeout=60)
+        gone = await client.run_nowait("stepper", log=str(log), seconds=30)
+        await eventually(lambda: noted(log, "two"), timeout=30)
+        assert await client.cancel(gone) is True
+
+        async def removed() -> bool:
+            return await client.get_task(gone) is None
+
+        await eventually(removed, timeout=30)  # cancelled tasks are kept 1 s here
+        assert await client.checkpoint(gone) is None
+        assert (await client.get_task(kept))["status"] == "completed"  # kept 7 days
 
 
 async def test_tasks_are_listed_by_their_owner(attempts_deployment, log):

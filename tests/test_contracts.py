@@ -169,6 +169,11 @@ def test_new_task_without_task_id_gets_one():
         ),
         pytest.param(new_task_body(drop="action"), "action: field required", id="no-action"),
         pytest.param(
+            new_task_body(session_id="s" * 201),
+            "data.session_id: String should have at most 200 characters",
+            id="session-id-too-long",
+        ),
+        pytest.param(
             new_task_body(drop="service"), "data.service: Field required", id="no-service"
         ),
         pytest.param(

@@ -6,6 +6,7 @@ both).
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 from workflows import Context
 
 from conveyor.contracts import (
@@ -17,7 +18,7 @@ from conveyor.contracts import (
     TaskStream,
 )
 from conveyor.services import checkpoints, counters, database, sessions
-from conveyor.services.control_plane import state
+from conveyor.services.control_plane import cleanup, state
 from conveyor.services.examples.counter import workflow as counter
 from conveyor.services.orchestrator import state as orchestrator_state
 from conveyor.services.runtime.starting_point import starting_point
@@ -464,3 +465,33 @@ async def test_a_silent_attempt_moves_to_the_next_and_a_renewed_one_does_not(eng
         row = (await conn.execute(database.dispatches.select().where(
             database.dispatches.c.task_id == "silent"))).one()
     assert (row.attempt, row.finished, row.started_at) == (2, False, None)
+
+
+# TTLs
+
+
+async def test_finished_tasks_past_their_ttl_are_removed_with_all_they_own(engine):
+    old = database.now() - timedelta(hours=2)
+    async with engine.begin() as conn:
+        for task_id, status in [("done", "completed"), ("broke", "failed"),
+                                ("stopped", "cancelled"), ("busy", None)]:
+            await state.record_new_task(conn, new_task(task_id=task_id), "publisher")
+            await orchestrator_state.claim_first_dispatch(conn, task_id, "echo")
+            await state.append_event(conn, TaskStream(task_id=task_id, index=0,
+                                                      event=EventEnvelope(type="Progress")))
+            await checkpoints.save(conn, KEY, task_id, 1, {}, inbox_seq=0, streamed=1)
+            if status:
+                await state.record_outcome(conn, outcome(task_id=task_id, status=status))
+        await conn.execute(database.tasks.update().values(finished_at=old).where(
+            database.tasks.c.finished_at.is_not(None)))
+    hour, day = 3600, 86400
+    async with engine.begin() as conn:
+        removed = await cleanup.remove_expired(
+            conn, {"completed": hour, "failed": day, "cancelled": hour})
+    assert removed == 2
+    async with engine.connect() as conn:
+        left = set((await conn.execute(select(database.tasks.c.task_id))).scalars())
+        for table in cleanup.OWNED:
+            owners = set((await conn.execute(select(table.c.task_id))).scalars())
+            assert owners <= {"broke", "busy"}, table.name
+    assert left == {"broke", "busy"}

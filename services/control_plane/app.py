@@ -6,6 +6,7 @@ each task's inbox of sent events, sessions and their state, the service registry
 letters, and answers queries over the broker.
 """
 
+import asyncio
 import logging
 import os
 import socket
@@ -44,7 +45,7 @@ from .. import checkpoints, counters, database, sessions
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
-from . import state
+from . import cleanup, state
 
 log = logging.getLogger("conveyor.control_plane")
 
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     broker = create_broker(settings)
     publisher_id = f"control_plane@{socket.gethostname()}:{os.getpid()}"
     engine: AsyncEngine | None = None
+    cleaner: asyncio.Task | None = None
 
     async def rejected(body: bytes, source: str, exc: Exception) -> None:
         error_type = getattr(exc, "error_type", type(exc).__name__)
@@ -209,6 +211,19 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 query.reply_to,
             )
 
+    async def clean_forever() -> None:
+        """Remove finished tasks past their TTL, a batch at a time."""
+        while True:
+            try:
+                async with engine.begin() as conn:
+                    removed = await cleanup.remove_expired(conn, settings.ttls)
+                if removed:
+                    log.info("removed %d finished tasks past their TTL", removed)
+                    continue  # there may be more
+            except Exception:  # the next sweep tries again
+                log.exception("TTL sweep failed")
+            await asyncio.sleep(settings.cleanup_interval)
+
     async def start() -> None:
         nonlocal engine
         engine = await database.connect(settings.state_url)
@@ -218,9 +233,17 @@ def create_app(settings: Settings | None = None) -> FastStream:
             await engine.dispose()
 
     async def declare() -> None:
+        nonlocal cleaner
         await declare_system_queues(broker, settings)
+        cleaner = asyncio.create_task(clean_forever())
 
-    return FastStream(broker, on_startup=[start], after_startup=[declare], after_shutdown=[stop])
+    async def stop_cleaning() -> None:
+        if cleaner is not None:
+            cleaner.cancel()
+            await asyncio.gather(cleaner, return_exceptions=True)
+
+    return FastStream(broker, on_startup=[start], after_startup=[declare],
+                      on_shutdown=[stop_cleaning], after_shutdown=[stop])
 
 
 async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage):

@@ -1,0 +1,46 @@
+"""Removing finished tasks after their TTL: the record, its event log, inbox, errors,
+watchers, checkpoint and dispatch row.
+
+Every control plane replica sweeps; on PostgreSQL each takes rows the others have not
+locked (SKIP LOCKED), on SQLite one writer runs at a time, so a task is removed once.
+"""
+
+from datetime import timedelta
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..database import (
+    attempt_errors,
+    checkpoints,
+    dispatches,
+    events,
+    inbox,
+    now,
+    tasks,
+    watchers,
+)
+
+OWNED = (events, inbox, attempt_errors, watchers, checkpoints, dispatches)
+
+
+async def remove_expired(conn: AsyncConnection, ttls: dict[str, float], limit: int = 500) -> int:
+    """Remove up to `limit` tasks whose final status' TTL has run out; returns how many."""
+    moment = now()
+    statement = (
+        select(tasks.c.task_id)
+        .where(or_(*(
+            (tasks.c.status == status) & (tasks.c.finished_at < moment - timedelta(seconds=ttl))
+            for status, ttl in ttls.items()
+        )))
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        statement = statement.with_for_update(skip_locked=True)
+    expired = list((await conn.execute(statement)).scalars())
+    if not expired:
+        return 0
+    for table in OWNED:
+        await conn.execute(delete(table).where(table.c.task_id.in_(expired)))
+    await conn.execute(delete(tasks).where(tasks.c.task_id.in_(expired)))
+    return len(expired)
