@@ -122,6 +122,11 @@ def subscribe(
 POISON_AFTER = 5  # failures of one message before it is dead-lettered
 
 
+class Redeliver(Exception):  # noqa: N818 (an instruction, not an error)
+    """Raised by a handler to hand its message back to the broker, to be delivered to
+    another consumer of the group (a replica shutting down does so). Never poison."""
+
+
 def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
     failures: dict[str, int] = {}
 
@@ -129,6 +134,8 @@ def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
     async def guarded(body: bytes) -> Any:
         try:
             return await handler(body)
+        except Redeliver:
+            raise
         except Exception as exc:
             key = hashlib.sha256(body).hexdigest()
             failures[key] = count = failures.get(key, 0) + 1

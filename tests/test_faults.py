@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 
@@ -111,3 +112,46 @@ async def test_a_silent_worker_loses_its_task_to_another_replica_and_its_late_re
 async def both_alive(client) -> bool:
     found = {s["name"]: s for s in await client.list_services()}.get("stepper")
     return bool(found) and sum(i["alive"] for i in found["instances"]) == 2
+
+
+async def sigterm_the_holder(deployment, client, task_id: str, log) -> float:
+    """SIGTERM the replica running the task once it is in step two; seconds it took to exit."""
+    await eventually(lambda: both_alive(client), timeout=60)
+    await eventually(lambda: noted(log, "two"), timeout=60)
+    await eventually(lambda: client.checkpoint(task_id), timeout=30)
+    pids = {p.pid: part for part, p in deployment.processes.items()}
+
+    async def holder() -> str | None:
+        found = {s["name"]: s for s in await client.list_services()}["stepper"]
+        busy = [pids[i["pid"]] for i in found["instances"] if i["alive"] and i["running"]]
+        return busy[0] if busy else None
+
+    part = await eventually(holder, timeout=30)
+    started = time.monotonic()
+    await asyncio.to_thread(deployment.stop_part, part)
+    print(f"injected: SIGTERM of the stepper replica {part!r} during step two")
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize(("grace", "seconds", "steps"), [
+    ("30", 2, ["one", "two", "three"]),  # it finishes within the grace period
+    ("1", 20, ["one", "two", "two", "three"]),  # handed back, resumed on the other replica
+], ids=["finishes", "hands-back"])
+async def test_a_replica_stopped_with_sigterm_finishes_or_hands_back_its_task(
+    fresh_deployment, tmp_path, grace, seconds, steps,
+):
+    deployment = fresh_deployment
+    deployment.overrides = {"CONVEYOR_GRACE_PERIOD": grace, "CONVEYOR_MAX_CONCURRENT_TASKS": "1"}
+    deployment.start("control-plane", "orchestrator", "stepper", "stepper-b")
+    await deployment.ready("stepper")
+    log = tmp_path / "steps.log"
+    async with deployment.client() as client:
+        task_id = await client.run_nowait("stepper", log=str(log), seconds=seconds)
+        took = await sigterm_the_holder(deployment, client, task_id, log)
+        result = await client.result(task_id, timeout=120)
+        record = await client.get_task(task_id)
+    print(f"found: the replica exited in {took:.1f} s; steps run {log.read_text().split()}, "
+          f"attempt {record['attempts']}")
+    assert result == {"blob": 0}
+    assert log.read_text().split() == steps
+    assert took < float(grace) + 10

@@ -8,6 +8,7 @@ takes them. A task starts from its session's state and the events already in its
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -48,7 +49,7 @@ from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 from conveyor.remote import Caller, current_caller
 
 from .. import checkpoints, database, sessions
-from ..bus import create_broker, declare_system_queues, publish, subscribe
+from ..bus import Redeliver, create_broker, declare_system_queues, publish, subscribe
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
 from ..settings import ConfigurationError, load
@@ -58,6 +59,8 @@ from .task_run import EventNotAccepted, TaskRun, accepted_events
 from .worker import describe, load_workflow
 
 log = logging.getLogger("conveyor.runtime")
+
+HANDED_BACK = "handed back"
 
 
 def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastStream:
@@ -75,6 +78,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     holding: dict[str, TaskRun] = {}
     runs: dict[str, asyncio.Task] = {}
     stopping: dict[str, str] = {}  # why a run was stopped on request, when not cancelled
+    draining = False  # stopping: new dispatches go back to the broker
     # Nested workflows: inner tasks are started and awaited over this service's connection.
     caller = Client(settings=settings, broker=broker, publisher_id=instance_id)
     heartbeats: asyncio.Task | None = None
@@ -143,7 +147,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # this service is stopping
-            log.info("task %s %s", task.task_id, stopping.pop(task.task_id, "cancelled"))
+            why = stopping.pop(task.task_id, "cancelled")
+            log.info("task %s %s", task.task_id, why)
+            if why == HANDED_BACK:
+                raise Redeliver(task.task_id) from None
             return  # on request: the orchestrator has told the control plane
         except StaleAttempt as exc:
             log.warning("task %s stopped: %s", task.task_id, exc)
@@ -219,7 +226,30 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             await reject(broker, settings, body=body, source_topic=own_topic,
                          error_type=exc.error_type, reason=str(exc), publisher_id=instance_id)
             return
+        if draining:
+            await asyncio.sleep(0.5)  # let a replica that is not stopping take it
+            raise Redeliver(message.data.task.task_id)
         await run(message.data)
+
+    async def drain() -> None:
+        """On SIGTERM: take no more tasks, let those running finish within the grace period,
+        then checkpoint the rest and hand them back to the broker for another replica."""
+        nonlocal draining
+        draining = True
+        if runs:
+            log.info("stopping: %d tasks running, waiting up to %.1f s", len(runs),
+                     settings.grace_period)
+            await asyncio.wait(list(runs.values()), timeout=settings.grace_period)
+        handed_back = list(runs.items())
+        for task_id, runner in handed_back:
+            log.info("stopping: task %s handed back", task_id)
+            stopping[task_id] = HANDED_BACK
+            if (task_run := holding.get(task_id)) is not None:
+                with contextlib.suppress(Exception):  # the last checkpoint stands
+                    await task_run.checkpoint()
+            runner.cancel()
+        # Each handler then hands its message back; the broker stops once they have.
+        await asyncio.gather(*(runner for _, runner in handed_back), return_exceptions=True)
 
     async def beat_forever() -> None:
         while True:
@@ -269,7 +299,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             await engine.dispose()
 
     return FastStream(broker, on_startup=[connect], after_startup=[register],
-                      on_shutdown=[deregister], after_shutdown=[disconnect])
+                      on_shutdown=[drain, deregister], after_shutdown=[disconnect])
 
 
 def __getattr__(name: str) -> FastStream:

@@ -18,6 +18,8 @@ class RuntimeSettings(Settings):
     step_timeout: float | None = Field(default=None, gt=0, description="seconds a step may run")
     task_timeout: float | None = Field(default=None, gt=0,
                                        description="seconds one attempt may run")
+    grace_period: float = Field(default=10.0, ge=0, description="seconds a stopping replica "
+                                "lets its tasks finish before it hands them back")
 
     def retry_policy(self, max_retries: int | None = None) -> RetryPolicy:
         """The service's policy; a task may ask for its own number of retries."""
