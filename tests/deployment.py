@@ -5,12 +5,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
+
 from conveyor import Client, TaskFailed
+from conveyor.services.bus import SYSTEM_SUBSCRIPTIONS, group_name
+from conveyor.services.settings import load
 
 TESTS = Path(__file__).parent
 
@@ -94,6 +99,26 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 process.kill()
         self.processes.clear()
+        if self.broker_url.startswith("amqp"):
+            # Durable queues outlive their test; a RabbitMQ with thousands of them recovers
+            # slowly on restart. Each deployment removes its own namespace's.
+            worker = threading.Thread(target=asyncio.run, args=(self._delete_queues(),))
+            worker.start()
+            worker.join(timeout=30)
+
+    async def _delete_queues(self) -> None:
+        settings = load(broker_url=self.broker_url, namespace=self.namespace)
+        names = [group_name(settings, kind, part) for kind, part in SYSTEM_SUBSCRIPTIONS]
+        names += [f"{self.namespace}.{service}" for service in {*SERVICES, *REPLICAS.values()}]
+        try:
+            connection = await aio_pika.connect(self.broker_url, timeout=5)
+        except Exception:  # nothing to tidy if RabbitMQ is gone
+            return
+        async with connection:
+            channel = await connection.channel()
+            for name in names:
+                await channel.queue_delete(name)
+            await channel.exchange_delete(self.namespace)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"

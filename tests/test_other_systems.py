@@ -161,6 +161,7 @@ async def test_bad_messages_are_answered_dead_lettered_and_the_services_keep_ser
         await send(wrong_type.encode())
         await send(unknown_action.encode())
         await send(oversized.encode())
+        print("injected: malformed JSON, a wrong type, an unknown action, 1.1 MB")
         answers = {}
         for _ in range(3):
             message = await outcome_of(received)
@@ -183,6 +184,7 @@ async def test_bad_messages_are_answered_dead_lettered_and_the_services_keep_ser
 
         letters = await eventually(all_four_kept)
     reasons = " | ".join(letter["reason"] for letter in letters)
+    print(f"found: {len(letters)} dead letters ({reasons}); a good task still served")
     assert "malformed JSON" in reasons
     assert "launch_rocket" in reasons
     assert {"InvalidMessage", "MessageTooLarge"} <= {x["error_type"] for x in letters}
