@@ -270,34 +270,32 @@ def tasks_send_event(
     sys.stdout.write(f"sent as event {seq} of task {task_id}\n")
 
 
+def _steer(call: Callable[[Any], Any], done: str, nothing_to_do: str) -> None:
+    sys.stdout.write((done if _client_call(call) else nothing_to_do) + "\n")
+
+
 @tasks_app.command("cancel")
 def tasks_cancel(
     task_id: str,
     reason: Annotated[str, typer.Option(help="why, kept with the task")] = "cancelled by request",
 ) -> None:
     """Cancel a task (and its inner tasks): queued, it never starts; running, it stops."""
-    if _client_call(lambda client: client.cancel(task_id, reason=reason)):
-        sys.stdout.write(f"cancelled {task_id}\n")
-    else:
-        sys.stdout.write(f"{task_id} had already ended\n")
+    _steer(lambda client: client.cancel(task_id, reason=reason),
+           f"cancelled {task_id}", f"{task_id} had already ended")
 
 
 @tasks_app.command("pause")
 def tasks_pause(task_id: str) -> None:
     """Pause a task: its worker checkpoints and lets go of it until `tasks resume`."""
-    if _client_call(lambda client: client.pause(task_id)):
-        sys.stdout.write(f"paused {task_id}\n")
-    else:
-        sys.stdout.write(f"{task_id} had ended or was paused already\n")
+    _steer(lambda client: client.pause(task_id),
+           f"paused {task_id}", f"{task_id} had ended or was paused already")
 
 
 @tasks_app.command("resume")
 def tasks_resume(task_id: str) -> None:
     """Resume a paused task from its last checkpoint."""
-    if _client_call(lambda client: client.resume(task_id)):
-        sys.stdout.write(f"resumed {task_id}\n")
-    else:
-        sys.stdout.write(f"{task_id} was not paused\n")
+    _steer(lambda client: client.resume(task_id),
+           f"resumed {task_id}", f"{task_id} was not paused")
 
 
 @tasks_app.command("pending")

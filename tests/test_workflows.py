@@ -325,6 +325,10 @@ async def test_cli_answers_cancels_and_replays_a_waiting_task(workflows_deployme
         done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "cancel", waiting)
         assert done.stdout == f"cancelled {waiting}\n"
         assert (await client.wait(waiting, timeout=10)).status == "cancelled"
+        for action, answer in [("pause", "had ended or was paused already"),
+                               ("resume", "was not paused")]:
+            done = await asyncio.to_thread(workflows_deployment.cli, "tasks", action, waiting)
+            assert done.stdout == f"{waiting} {answer}\n"
 
     done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "events", asked)
     assert done.returncode == 0, done.stderr
