@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from workflows.events import HumanResponseEvent
 
 from conveyor import Client, TaskFailed
 
@@ -24,7 +25,7 @@ RETRYING = {
 @pytest.fixture(scope="module")
 def attempts_deployment(broker_url, tmp_path_factory):
     deployment = Deployment(broker_url, tmp_path_factory.mktemp("attempts"), overrides=RETRYING)
-    with serving(deployment, "flaky", "stepper") as running:
+    with serving(deployment, "flaky", "stepper", "greeter") as running:
         yield running
 
 
@@ -109,6 +110,23 @@ async def test_a_paused_task_lets_go_of_its_worker_and_resumes_from_its_checkpoi
         assert await client.result(task_id, timeout=60) == {"blob": 0}
         assert await client.resume(task_id) is False  # it has ended
     assert log.read_text().split() == ["one", "two", "two", "three"]
+
+
+async def test_an_event_sent_while_a_task_is_paused_is_delivered_when_it_resumes(
+    attempts_deployment,
+):
+    async with attempts_deployment.client() as client:
+        task_id = await client.run_nowait("greeter")
+        stream = client.stream(task_id)
+        await anext(stream)  # the question: it waits for an answer
+        await stream.aclose()
+        assert await client.pause(task_id) is True
+        await eventually(lambda: status_is(client, task_id, "paused"))
+        assert await client.send_event(task_id, HumanResponseEvent(response="Gus")) == 1
+        await asyncio.sleep(1)
+        assert await client.status(task_id) == "paused"  # kept, not delivered
+        assert await client.resume(task_id) is True
+        assert await client.result(task_id, timeout=60) == "hello, Gus"
 
 
 async def test_a_finished_task_is_removed_after_the_ttl_of_its_status(attempts_deployment, log):
