@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import counters
-from .database import checkpoints, dispatches, now, secrets
+from .database import checkpoints, dialect_insert, dispatches, now, secrets
 
 
 class CheckpointRefused(ValueError):
@@ -40,16 +39,12 @@ class Checkpoint:
     context: dict[str, Any]
 
 
-def _dialect(conn: AsyncConnection):
-    return postgresql if conn.dialect.name == "postgresql" else sqlite
-
-
 async def signing_key(conn: AsyncConnection, configured: str | None) -> bytes:
     """The configured key, or the deployment's own, made by whoever asks first."""
     if configured:
         return configured.encode()
     await conn.execute(
-        _dialect(conn).insert(secrets)
+        dialect_insert(conn, secrets)
         .values(name="signing_key", value=random.token_hex(32))
         .on_conflict_do_nothing()
     )
@@ -87,7 +82,7 @@ async def save(
         "attempt": attempt, "inbox_seq": inbox_seq, "streamed": streamed, "context": text,
         "signature": _signature(key, task_id, inbox_seq, streamed, text), "updated_at": now(),
     }
-    statement = _dialect(conn).insert(checkpoints).values(task_id=task_id, steps=1, **values)
+    statement = dialect_insert(conn, checkpoints).values(task_id=task_id, steps=1, **values)
     await conn.execute(statement.on_conflict_do_update(
         index_elements=["task_id"], set_={**values, "steps": checkpoints.c.steps + 1}
     ))

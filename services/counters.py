@@ -1,18 +1,16 @@
 """Counters kept with the state: stale attempts rejected, tasks recovered, and the like."""
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .database import counters
+from .database import counters, dialect_insert
 
 STALE_REJECTED = "stale_attempts_rejected"
 RECOVERED = "tasks_recovered"
 
 
 async def add(conn: AsyncConnection, name: str, by: int = 1) -> None:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(counters).values(name=name, value=by)
+    statement = dialect_insert(conn, counters).values(name=name, value=by)
     await conn.execute(statement.on_conflict_do_update(
         index_elements=["name"], set_={"value": counters.c.value + by}
     ))

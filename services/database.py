@@ -22,7 +22,8 @@ from sqlalchemy import (
     TypeDecorator,
     event,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .settings import ConfigurationError
 
@@ -203,6 +204,11 @@ counters = Table(
     Column("name", String(100), primary_key=True),
     Column("value", Integer, nullable=False),
 )
+
+
+def dialect_insert(conn: AsyncConnection, table: Table):
+    """An INSERT with ON CONFLICT clauses, in the connection's dialect (PostgreSQL or SQLite)."""
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
 
 
 def async_url(state_url: str) -> str:

@@ -9,14 +9,13 @@ import json
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from workflows.context.serializers import JsonSerializer
 from workflows.context.state_store import DictState, InMemoryStateStore
 
 from conveyor.contracts import new_id
 
-from .database import now, sessions
+from .database import dialect_insert, now, sessions
 
 _serializer = JsonSerializer()
 
@@ -53,9 +52,8 @@ def view(row: Any) -> dict[str, Any]:
 
 
 def _upsert(conn: AsyncConnection, session_id: str, state: dict[str, Any] | None):
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     moment = now()
-    statement = dialect.insert(sessions).values(
+    statement = dialect_insert(conn, sessions).values(
         session_id=session_id, state=state, created_at=moment, updated_at=moment
     )
     return statement.on_conflict_do_update(
@@ -66,10 +64,9 @@ def _upsert(conn: AsyncConnection, session_id: str, state: dict[str, Any] | None
 async def create(conn: AsyncConnection, session_id: str | None = None) -> dict[str, Any]:
     """A new session (or the existing one of that id)."""
     session_id = session_id or new_id()
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     moment = now()
     await conn.execute(
-        dialect.insert(sessions)
+        dialect_insert(conn, sessions)
         .values(session_id=session_id, state=None, created_at=moment, updated_at=moment)
         .on_conflict_do_nothing()
     )

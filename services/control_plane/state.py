@@ -8,7 +8,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import (
@@ -28,6 +27,7 @@ from .. import checkpoints, counters
 from ..database import (
     attempt_errors,
     dead_letters,
+    dialect_insert,
     events,
     inbox,
     instances,
@@ -43,13 +43,11 @@ class EventRefused(ValueError):
 
 
 def _insert_ignoring_duplicates(conn: AsyncConnection, table, **values):
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).values(**values).on_conflict_do_nothing()
+    return dialect_insert(conn, table).values(**values).on_conflict_do_nothing()
 
 
 def _upsert(conn: AsyncConnection, table, keys: list[str], values: dict, update_keys: list[str]):
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(table).values(**values)
+    statement = dialect_insert(conn, table).values(**values)
     return statement.on_conflict_do_update(
         index_elements=keys, set_={k: statement.excluded[k] for k in update_keys}
     )

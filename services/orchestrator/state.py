@@ -4,12 +4,11 @@ from datetime import timedelta
 from typing import NamedTuple
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import Heartbeat
 
-from ..database import dispatches, now, services
+from ..database import dialect_insert, dispatches, now, services
 
 
 async def claim_first_dispatch(
@@ -17,9 +16,8 @@ async def claim_first_dispatch(
     task: dict | None = None,
 ) -> bool:
     """Record attempt 1 of a task; False when the task was dispatched before (a duplicate)."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     result = await conn.execute(
-        dialect.insert(dispatches)
+        dialect_insert(conn, dispatches)
         .values(task_id=task_id, service=service, attempt=1, parent_task_id=parent_task_id,
                 finished=False, task=task, dispatched_at=now())
         .on_conflict_do_nothing()
