@@ -157,6 +157,11 @@ def create_app(settings: Settings | None = None) -> FastStream:
         pausing = isinstance(message, PauseTaskMessage)
         async with engine.begin() as conn:
             found = await (state.pause if pausing else state.resume)(conn, request.task_id)
+            if found.done and pausing:
+                # Before the status: an event sent once "paused" shows reaches the worker
+                # after the pause on the same broadcast, and waits in the inbox.
+                await publish(broker, settings, message,
+                              broadcast_topic(ns, found.service), partition=0)
             if found.done:
                 status = TaskStatusUpdate(task_id=request.task_id, service=found.service,
                                           status="paused" if pausing else "queued",
@@ -164,11 +169,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 await publish(broker, settings, TaskStatusMessage(
                     type=CONTROL_PLANE, publisher_id=publisher_id, data=status),
                     topic(ns, CONTROL_PLANE), key=request.task_id)
-                if pausing:
-                    await publish(broker, settings, message,
-                                  broadcast_topic(ns, found.service), partition=0)
-                else:
-                    await redispatch(found.task, found.attempt)
+            if found.done and not pausing:
+                await redispatch(found.task, found.attempt)
         await answer(message, found.found, found.done)
 
     async def answer(message, found: bool, done: bool) -> None:

@@ -203,7 +203,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         match message:
             case SendEventMessage(data=sent) if sent.seq is not None:
                 task_run = holding.get(sent.task_id)
-                if task_run is not None:
+                if task_run is not None and sent.task_id not in stopping:
+                    # A task being paused or handed back takes it from its inbox on resuming.
                     deliver(task_run, sent.seq, sent.event, sent.step)
             case CancelTaskMessage(data=cancel):
                 runner = runs.get(cancel.task_id)
