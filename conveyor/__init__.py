@@ -3,10 +3,12 @@
 from .client import BlockingClient, Client, QueryFailed, TaskCancelled, TaskFailed, TaskOutcome
 from .deploy import deploy_core, deploy_workflow
 from .remote import RemoteWorkflow, remote_workflow
+from .services.bus import PublishFailed
 
 __all__ = [
     "BlockingClient",
     "Client",
+    "PublishFailed",
     "QueryFailed",
     "RemoteWorkflow",
     "TaskCancelled",

@@ -15,12 +15,22 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiormq.exceptions import ChannelInvalidStateError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, TopicPartition
 from faststream.kafka.schemas import Topic
 from faststream.message import StreamMessage
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.schemas import Channel
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from conveyor.contracts import MAX_MESSAGE_BYTES, QueueMessage, encode, topic
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
@@ -213,16 +223,54 @@ async def publish(
     """Publish durably: confirmed by RabbitMQ, or acknowledged by all Kafka replicas.
 
     `partition` pins a Kafka message to one partition: for topics every instance reads
-    whole (a broadcast), which are read from partition 0.
+    whole (a broadcast), which are read from partition 0. While the broker is unreachable
+    (restarting, connection dropped) the publish is retried with backoff for
+    CONVEYOR_PUBLISH_TIMEOUT seconds, then fails with PublishFailed: a message may be sent
+    twice (every handler takes duplicates), never silently lost.
     """
     body = encode(message)
+    try:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_delay(settings.publish_timeout),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.2),
+            retry=retry_if_exception_type(UNREACHABLE),
+            before_sleep=_retrying,
+        ):
+            with attempt:
+                await _send(broker, settings, body, message.id, topic, key, partition)
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        raise PublishFailed(
+            f"could not publish {message.action.value} to {topic}: the broker was unreachable "
+            f"for {settings.publish_timeout:g} s (CONVEYOR_PUBLISH_TIMEOUT); last error: "
+            f"{type(last).__name__}: {last}"
+        ) from last
+
+
+# What a lost or not yet restored connection raises; anything else is not retried.
+UNREACHABLE = (ConnectionError, ChannelInvalidStateError, KafkaConnectionError,
+               KafkaTimeoutError)
+
+
+class PublishFailed(ConnectionError):
+    """The broker stayed unreachable for CONVEYOR_PUBLISH_TIMEOUT: the message was not sent."""
+
+
+def _retrying(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    _quiet.warning("publish failed (%s: %s); retrying in %.1f s", type(error).__name__, error,
+                   state.upcoming_sleep)
+
+
+async def _send(broker: Broker, settings: Settings, body: bytes, message_id: str, topic: str,
+                key: str | None, partition: int | None) -> None:
     if isinstance(broker, RabbitBroker):
         await broker.publish(
             body,
             routing_key=topic,
             exchange=exchange(settings),
             persist=True,
-            message_id=message.id,
+            message_id=message_id,
             content_type="application/json",
             mandatory=False,
         )

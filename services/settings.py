@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     state_url: str = f"sqlite:///{Path.cwd() / 'conveyor.db'}"
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_timeout: float = Field(default=10.0, gt=0)
+    publish_timeout: float = Field(default=30.0, gt=0, description="seconds a publish keeps "
+                                   "retrying while the broker is unreachable before it fails")
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_idempotence: bool = False
     log_level: str = "INFO"
