@@ -117,7 +117,8 @@ def subscribe(
     """A subscription of `group` to `topic`; replicas that share a group share the work.
 
     With `group=None` the subscription is private to this process (a reply topic): on
-    RabbitMQ an exclusive auto-deleted queue, on Kafka a consumer outside any group.
+    RabbitMQ a queue of its own that expires once unused, on Kafka a consumer outside any
+    group.
     The handler receives the raw body and validates it itself, so that a malformed
     message is answered and dead-lettered rather than dropped by the framework. A handler
     that raises has the message delivered again; one that keeps raising on the same message
@@ -171,15 +172,21 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
     if isinstance(broker, RabbitBroker):
         if group is None:
             # Named apart per process: every instance of a service hears its broadcast topic.
+            # Durable, and removed by RabbitMQ once unused for a while rather than when the
+            # connection drops: what is published to it while the process reconnects (or
+            # while RabbitMQ restarts) waits for it.
             queue = RabbitQueue(f"{topic}.{uuid.uuid4().hex[:8]}", routing_key=topic,
-                                exclusive=True, auto_delete=True)
+                                durable=True, arguments={"x-expires": _expiry_ms(settings)})
         else:
             queue = RabbitQueue(group, routing_key=topic, durable=True)
         return broker.subscriber(
             queue,
             exchange(settings),
             channel=Channel(prefetch_count=concurrency),
-            ack_policy=AckPolicy.NACK_ON_ERROR if group else AckPolicy.ACK_FIRST,
+            # A private queue's message is acknowledged once handled (even if the handler
+            # failed: its next delivery would fail alike); one whose handler was cancelled by
+            # a dropped connection comes again.
+            ack_policy=AckPolicy.NACK_ON_ERROR if group else AckPolicy.ACK,
             decoder=_raw_body,
         )
     options: dict[str, Any] = {
@@ -203,6 +210,12 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
         heartbeat_interval_ms=1_000,
         **options,
     )
+
+
+def _expiry_ms(settings: Settings) -> int:
+    """How long a private queue outlives its last consumer: longer than any outage a
+    publish rides out, so that a reply retried through one still finds its queue."""
+    return int(max(60.0, 2 * settings.publish_timeout) * 1000)
 
 
 def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str):
