@@ -54,7 +54,7 @@ from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
 from ..settings import ConfigurationError, load
 from .settings import RuntimeSettings
-from .starting_point import starting_point
+from .starting_point import StartingPoint, release, starting_point
 from .task_run import EventNotAccepted, TaskRun, accepted_events
 from .worker import describe, load_workflow
 
@@ -77,6 +77,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     running: dict[str, int] = {}
     holding: dict[str, TaskRun] = {}
     runs: dict[str, asyncio.Task] = {}
+    jobs: dict[str, tuple[int, asyncio.Task]] = {}  # task id -> its attempt run here, and run
     stopping: dict[str, str] = {}  # why a run was stopped on request, when not cancelled
     draining = False  # stopping: new dispatches go back to the broker
     # Nested workflows: inner tasks are started and awaited over this service's connection.
@@ -114,11 +115,11 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         running[task.task_id] = dispatch.attempt
         task_run = None
         try:
-            async with engine.begin() as conn:
-                start = await starting_point(conn, task, dispatch.attempt, instance_id, key)
+            start = await claim(dispatch)
             if start.skip:
                 log.info("attempt %d of task %s not run: %s", dispatch.attempt, task.task_id,
                          start.skip)
+                forget_job(task.task_id, asyncio.current_task())  # a later dispatch may run
                 return
             resumed = start.checkpoint
             if resumed is not None:
@@ -150,6 +151,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             why = stopping.pop(task.task_id, "cancelled")
             log.info("task %s %s", task.task_id, why)
             if why == HANDED_BACK:
+                async with engine.begin() as conn:
+                    await release(conn, task.task_id, dispatch.attempt, instance_id)
                 raise Redeliver(task.task_id) from None
             return  # on request: the orchestrator has told the control plane
         except StaleAttempt as exc:
@@ -176,6 +179,19 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome),
             topic(ns, CONTROL_PLANE), task.task_id,
         )
+
+    async def claim(dispatch: DispatchTask) -> StartingPoint:
+        """Claim the attempt. The orchestrator commits its dispatch just after the broker has
+        the message, or rolls it back (and dispatches again) when its connection dropped
+        meanwhile: a dispatch not in the state store yet is looked for again for a while."""
+        for pause in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 0):
+            async with engine.begin() as conn:
+                start = await starting_point(conn, dispatch.task, dispatch.attempt, instance_id,
+                                             key, settings.heartbeat_timeout)
+            if start.dispatched:
+                break
+            await asyncio.sleep(pause)
+        return start
 
     async def retry_later(dispatch: DispatchTask, error: TaskError, delay: float) -> None:
         """Tell the control plane and the orchestrator: this attempt failed, try again."""
@@ -230,7 +246,29 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         if draining:
             await asyncio.sleep(0.5)  # let a replica that is not stopping take it
             raise Redeliver(message.data.task.task_id)
-        await run(message.data)
+        await asyncio.shield(job_for(message.data))
+
+    def job_for(dispatch: DispatchTask) -> asyncio.Task:
+        """The run of this attempt: started here, or the one already running here.
+
+        A run is not the handler's own: when the connection drops, FastStream cancels the
+        handler but the run goes on (its reports are published once the broker is back), and
+        the message, delivered again, waits for that run instead of starting another.
+        """
+        task_id, attempt = dispatch.task.task_id, dispatch.attempt
+        found = jobs.get(task_id)
+        if found is not None and found[0] == attempt:
+            return found[1]
+        job = asyncio.create_task(run(dispatch))
+        jobs[task_id] = (attempt, job)
+        # Kept a while after it ends: a redelivery may still be on its way.
+        job.add_done_callback(lambda _: asyncio.get_running_loop().call_later(
+            3 * settings.heartbeat_timeout, forget_job, task_id, job))
+        return job
+
+    def forget_job(task_id: str, job: asyncio.Task) -> None:
+        if task_id in jobs and jobs[task_id][1] is job:
+            del jobs[task_id]
 
     async def drain() -> None:
         """On SIGTERM: take no more tasks, let those running finish within the grace period,

@@ -1,9 +1,11 @@
-"""What a worker reads and claims in the state store when it takes an attempt of a task."""
+"""What a worker reads and claims in the state store when it takes an attempt of a task,
+and how it lets go of one."""
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import NewTask
@@ -16,27 +18,34 @@ from ..database import dispatches, inbox, now
 @dataclass
 class StartingPoint:
     skip: str | None = None  # why this attempt must not run (cancelled, replaced, ended)
+    dispatched: bool = True  # False: no dispatch of the task is in the state store (yet)
     checkpoint: Checkpoint | None = None  # where a resumed task picks up
     state: dict[str, Any] | None = None  # its session's Context state, for a fresh start
     sent: list[dict[str, Any]] = field(default_factory=list)  # inbox events not yet taken
 
 
 async def starting_point(
-    conn: AsyncConnection, task: NewTask, attempt: int, instance_id: str, key: bytes
+    conn: AsyncConnection, task: NewTask, attempt: int, instance_id: str, key: bytes,
+    lease_timeout: float,
 ) -> StartingPoint:
     """Claim the attempt (its lease starts now) and gather what it starts from.
 
-    Raises CheckpointRefused when the task's last checkpoint fails verification.
+    An attempt another instance holds, and has heartbeated for within `lease_timeout`, is
+    not claimed: its message came again (a dropped connection) while that instance still
+    runs it. Raises CheckpointRefused when the task's last checkpoint fails verification.
     """
     claimed = await conn.execute(
         update(dispatches)
         .where(dispatches.c.task_id == task.task_id, dispatches.c.attempt == attempt,
                dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
-               dispatches.c.paused.is_(False))
+               dispatches.c.paused.is_(False),
+               or_(dispatches.c.instance_id.is_(None), dispatches.c.instance_id == instance_id,
+                   dispatches.c.heartbeat_at < now() - timedelta(seconds=lease_timeout)))
         .values(instance_id=instance_id, started_at=now(), heartbeat_at=now())
     )
     if claimed.rowcount == 0:
-        return StartingPoint(skip=await _why_not(conn, task.task_id, attempt))
+        reason, dispatched = await _why_not(conn, task.task_id, attempt)
+        return StartingPoint(skip=reason, dispatched=dispatched)
     point = StartingPoint(checkpoint=await checkpoints.load(conn, key, task.task_id))
     if point.checkpoint is None and task.session_id:
         point.state = await sessions.load_context_state(conn, task.session_id)
@@ -50,14 +59,26 @@ async def starting_point(
     return point
 
 
-async def _why_not(conn: AsyncConnection, task_id: str, attempt: int) -> str:
+async def _why_not(conn: AsyncConnection, task_id: str, attempt: int) -> tuple[str, bool]:
     row = (await conn.execute(select(dispatches).where(dispatches.c.task_id == task_id))).first()
     if row is None:
-        return "the orchestrator never dispatched it"
+        return "the orchestrator has no dispatch of it", False
     if row.cancelled:
-        return "it was cancelled"
+        return "it was cancelled", True
     if row.paused:
-        return "it is paused"
+        return "it is paused", True
     if row.attempt != attempt:
-        return f"attempt {attempt} was replaced by attempt {row.attempt}"
-    return "it has ended"
+        return f"attempt {attempt} was replaced by attempt {row.attempt}", True
+    if row.finished:
+        return "it has ended", True
+    return f"instance {row.instance_id} holds it and is alive", True
+
+
+async def release(conn: AsyncConnection, task_id: str, attempt: int, instance_id: str) -> None:
+    """Let go of an attempt this instance holds, for another to claim it at once."""
+    await conn.execute(
+        update(dispatches)
+        .where(dispatches.c.task_id == task_id, dispatches.c.attempt == attempt,
+               dispatches.c.instance_id == instance_id)
+        .values(instance_id=None, started_at=None, heartbeat_at=None)
+    )
