@@ -1,0 +1,93 @@
+"""The real RabbitMQ stopped and started, and its connections dropped, under load.
+
+RabbitMQ is restarted with `rabbitmqctl stop_app` / `start_app` (the node stays up, every
+connection drops and the queues recover from disk), so these tests need rabbitmqctl and
+run alone on the broker: nothing else may be using it while it restarts.
+"""
+
+import asyncio
+import subprocess
+
+import pytest
+
+from conveyor import Client, PublishFailed
+from conveyor.services.settings import load
+
+from .deployment import Deployment, eventually, noted
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def rabbit_deployment(rabbit_url, tmp_path):
+    deployment = Deployment(rabbit_url, tmp_path)
+    # Longer than RabbitMQ takes to restart: the worker keeps its task through the outage.
+    deployment.overrides = {"CONVEYOR_HEARTBEAT_TIMEOUT": "30"}
+    deployment.start("control-plane", "orchestrator", "echo", "stepper")
+    yield deployment
+    deployment.stop()
+
+
+async def restart_rabbitmq(deployment: Deployment, client: Client) -> str:
+    """Stop RabbitMQ for a few seconds; a task started meanwhile waits for it, or fails
+    loudly when its publish timeout is shorter than the outage. Returns that task's id."""
+    impatient = Client(settings=load(broker_url=deployment.broker_url,
+                                     namespace=deployment.namespace, publish_timeout=2))
+    await impatient.start()
+    try:
+        rabbitmqctl("stop_app")
+        print("injected: RabbitMQ stopped (stop_app), started again (start_app) 4 s later")
+        during = asyncio.ensure_future(client.run_nowait("echo", n=300))
+        with pytest.raises(PublishFailed) as refused:
+            await impatient.run_nowait("echo", n=-1)
+        print(f"found: with a 2 s publish timeout, {refused.value}")
+        await asyncio.sleep(2)
+        assert not during.done()  # still trying: it is sent once RabbitMQ is back
+    finally:
+        rabbitmqctl("start_app")
+        await impatient.close()
+    return await during
+
+
+async def drop_connections(deployment: Deployment, client: Client) -> str:
+    rabbitmqctl("close_all_connections", "dropped by a test")
+    print("injected: every connection to RabbitMQ closed (close_all_connections)")
+    return await client.run_nowait("echo", n=300)
+
+
+@pytest.mark.parametrize("fault", [restart_rabbitmq, drop_connections])
+async def test_rabbitmq_going_away_under_load_loses_nothing(rabbit_deployment, tmp_path, fault):
+    deployment = rabbit_deployment
+    await deployment.ready("echo", "stepper")
+    log = tmp_path / "steps.log"
+    async with deployment.client() as client:
+        long = await client.run_nowait("stepper", log=str(log), seconds=8)
+        ids = [await client.run_nowait("echo", n=n) for n in range(300)]
+        waits = [asyncio.ensure_future(client.wait(i, timeout=180)) for i in [long, *ids]]
+        await eventually(lambda: noted(log, "two"), timeout=60)
+
+        async def some_in() -> bool:
+            return sum(w.done() for w in waits) >= 30
+
+        await eventually(some_in, timeout=60)  # the fault comes while outcomes flow
+        print(f"{sum(w.done() for w in waits)} of {len(waits)} outcomes in, "
+              "a three-step task in step two")
+        late = await fault(deployment, client)
+        waits.append(asyncio.ensure_future(client.wait(late, timeout=120)))
+        await asyncio.wait(waits, timeout=120)
+        lost = [t for t, w in zip([long, *ids, late], waits, strict=True) if not w.done()]
+        if lost:
+            print(f"found: {len(lost)} outcomes never came, e.g.", await client.get_task(lost[0]))
+        outcomes = [w.result() for w in waits]
+        records = await client.list_tasks(limit=1000)
+    steps = log.read_text().split()
+    print(f"found: {sum(o.status == 'completed' for o in outcomes)} of {len(outcomes)} "
+          f"completed; steps run {steps}")
+    assert outcomes[0].result == {"blob": 0}
+    assert steps == ["one", "two", "three"]  # the running step went on through the outage
+    assert [o.result for o in outcomes[1:]] == [{"echo": {"n": n}} for n in range(301)]
+    recorded = {r["task_id"]: r for r in records}
+    assert all(recorded[i]["status"] == "completed" for i in [long, *ids, late])
+    assert all(recorded[i]["attempts"] == 1 for i in [long, *ids, late])
