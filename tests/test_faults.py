@@ -135,7 +135,7 @@ async def sigterm_the_holder(deployment, client, task_id: str, log) -> float:
 
 @pytest.mark.parametrize(("grace", "seconds", "steps"), [
     # Step two lasts long enough for the test to find the replica holding the task.
-    ("30", 6, ["one", "two", "three"]),  # it finishes within the grace period
+    ("30", 15, ["one", "two", "three"]),  # it finishes within the grace period
     ("1", 20, ["one", "two", "two", "three"]),  # handed back, resumed on the other replica
 ], ids=["finishes", "hands-back"])
 async def test_a_replica_stopped_with_sigterm_finishes_or_hands_back_its_task(

@@ -21,7 +21,7 @@ from conveyor.services import checkpoints, counters, database, sessions
 from conveyor.services.control_plane import cleanup, state
 from conveyor.services.examples.counter import workflow as counter
 from conveyor.services.orchestrator import state as orchestrator_state
-from conveyor.services.runtime.starting_point import starting_point
+from conveyor.services.runtime.starting_point import release, starting_point
 
 from . import test_state
 from .test_state import count, new_task, outcome
@@ -295,6 +295,7 @@ async def test_cancelling_a_task_that_already_finished_changes_nothing(engine):
 # Where a worker starts a task from
 
 KEY = b"k" * 32
+LEASE = 10.0  # seconds without a heartbeat after which a lease may be taken over
 
 
 async def test_a_task_cancelled_while_queued_is_not_started(engine):
@@ -305,7 +306,7 @@ async def test_a_task_cancelled_while_queued_is_not_started(engine):
         await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
         await orchestrator_state.cancel(conn, "t1")
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-1", KEY)
+        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-1", KEY, LEASE)
     assert (point.skip, point.state, point.sent) == ("it was cancelled", None, [])
 
 
@@ -314,7 +315,7 @@ async def test_a_replaced_attempt_is_not_started(engine):
         await orchestrator_state.claim_first_dispatch(conn, "t1", "echo", task={"x": 1})
         await conn.execute(database.dispatches.update().values(attempt=2))
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task(), 1, "i-1", KEY)
+        point = await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
     assert point.skip == "attempt 1 was replaced by attempt 2"
 
 
@@ -327,7 +328,7 @@ async def test_a_task_starts_from_its_session_state_and_its_inbox_in_order(engin
         await state.record_sent_event(conn, sent(type="Reply", qualified_name="app.Reply",
                                                  step="review"), "m2")
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-1", KEY)
+        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-1", KEY, LEASE)
     assert point.skip is None and point.checkpoint is None
     assert point.state == sessions.stored_state({"count": 41})
     assert [(e["seq"], e["event"]["type"], e["step"]) for e in point.sent] == [
@@ -350,11 +351,42 @@ async def test_a_resumed_task_starts_from_its_checkpoint_and_the_events_it_had_n
         await checkpoints.save(conn, KEY, "t1", 1, {"is_running": True}, inbox_seq=1,
                                streamed=4)
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-2", KEY)
+        point = await starting_point(conn, new_task(session_id="s1"), 1, "i-2", KEY, LEASE)
     assert point.checkpoint.context == {"is_running": True}
     assert (point.checkpoint.streamed, point.checkpoint.inbox_seq) == (4, 1)
     assert point.state is None  # the checkpoint carries the state
     assert [e["seq"] for e in point.sent] == [2]
+
+
+async def test_an_attempt_a_live_instance_holds_is_not_claimed_by_another(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        first = await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
+        other = await starting_point(conn, new_task(), 1, "i-2", KEY, LEASE)
+        again = await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
+    assert first.skip is None and again.skip is None
+    assert other.skip == "instance i-1 holds it and is alive" and other.dispatched
+
+
+async def test_an_attempt_whose_holder_went_silent_or_let_go_is_claimed_by_another(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
+        await conn.execute(database.dispatches.update().values(
+            heartbeat_at=database.now() - timedelta(seconds=LEASE + 1)))
+        taken_over = await starting_point(conn, new_task(), 1, "i-2", KEY, LEASE)
+        await release(conn, "t1", 1, "i-2")
+        after_release = await starting_point(conn, new_task(), 1, "i-3", KEY, LEASE)
+    assert taken_over.skip is None and after_release.skip is None
+    async with engine.connect() as conn:
+        lease = (await conn.execute(database.dispatches.select())).one()
+    assert lease.instance_id == "i-3"
+
+
+async def test_a_dispatch_the_orchestrator_has_not_committed_is_told_apart(engine):
+    async with engine.begin() as conn:
+        point = await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
+    assert (point.skip, point.dispatched) == ("the orchestrator has no dispatch of it", False)
 
 
 async def test_a_task_without_a_session_starts_with_no_state(engine):
@@ -363,7 +395,7 @@ async def test_a_task_without_a_session_starts_with_no_state(engine):
         await registered_task(conn)
         await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task(), 1, "i-1", KEY)
+        point = await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
     assert (point.skip, point.state, point.sent) == (None, None, [])
 
 
@@ -450,7 +482,7 @@ async def test_a_silent_attempt_moves_to_the_next_and_a_renewed_one_does_not(eng
             await orchestrator_state.claim_first_dispatch(conn, task_id, "echo",
                                                           task={**task, "task_id": task_id})
         for task_id in ("silent", "beating"):
-            await starting_point(conn, new_task(task_id=task_id), 1, "i-1", KEY)
+            await starting_point(conn, new_task(task_id=task_id), 1, "i-1", KEY, LEASE)
         await conn.execute(database.dispatches.update().values(
             heartbeat_at=database.now() - timedelta(seconds=60)).where(
             database.dispatches.c.started_at.is_not(None)))
