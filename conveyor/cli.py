@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from conveyor.contracts import InvalidName
+from conveyor.services import logs
 from conveyor.services.settings import ConfigurationError, load
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -42,10 +43,7 @@ def _run_loop(coroutine) -> Any:
 def _serve(make_app: Callable[[], Any]) -> None:
     """Build a FastStream app and run it until SIGINT/SIGTERM; one line and exit 1 on failure."""
     try:
-        settings = load()
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        # FastStream logs through its own loggers; Conveyor's parts log at the level asked.
-        logging.getLogger("conveyor").setLevel(settings.log_level.upper())
+        logs.configure(load())
         faststream_app = make_app()
     except (ConfigurationError, InvalidName, ImportError) as exc:
         fail(exc)

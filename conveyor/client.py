@@ -133,7 +133,7 @@ class Client:
         self._id = new_id()[:12]
         self._reply_to = reply_topic(self.settings.namespace, self._id)
         self._owns_broker = broker is None
-        self._broker = broker or create_broker(self.settings)
+        self._broker = broker or create_broker(self.settings, "client", always_trace=True)
         self._waiting: dict[str, asyncio.Future] = {}
         self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()
         self._answers: dict[str, asyncio.Future] = {}

@@ -35,6 +35,7 @@ from tenacity import (
 from conveyor.contracts import MAX_MESSAGE_BYTES, QueueMessage, encode, topic
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
 
+from . import telemetry
 from .settings import Settings
 
 Broker = RabbitBroker | KafkaBroker
@@ -44,13 +45,14 @@ _quiet = logging.getLogger("conveyor.broker")
 _quiet.setLevel(logging.WARNING)
 
 
-def create_broker(settings: Settings, *, middlewares: tuple = ()) -> Broker:
-    """The FastStream broker for CONVEYOR_BROKER_URL, with every durability setting on."""
+def create_broker(settings: Settings, part: str, *, always_trace: bool = False) -> Broker:
+    """The FastStream broker for CONVEYOR_BROKER_URL, with every durability setting on,
+    tracing the messages of `part` (see telemetry)."""
     url = settings.require_broker_url()
     common: dict[str, Any] = {
         "logger": _quiet,
         "log_level": logging.DEBUG,
-        "middlewares": middlewares,
+        "middlewares": telemetry.middlewares(settings, part, always=always_trace),
         "graceful_timeout": 15.0,
     }
     if settings.broker_kind == "rabbit":

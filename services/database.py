@@ -161,6 +161,7 @@ dispatches = Table(
     Column("paused", Boolean, nullable=False, default=False),
     Column("retry_at", UTCDateTime(), index=True),  # when the next attempt is due
     Column("task", JSON),  # the NEW_TASK, to dispatch again
+    Column("trace", JSON),  # the trace context it was first dispatched in, for the next ones
     Column("dispatched_at", UTCDateTime(), nullable=False),
     # The lease: set by the worker that takes the attempt, renewed by its heartbeats.
     Column("instance_id", String(200)),

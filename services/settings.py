@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_idempotence: bool = False
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per log line")
     ttl_completed: float = Field(default=7 * 86400, gt=0, description="seconds a completed "
                                  "task, its events and checkpoint are kept")
     ttl_failed: float = Field(default=30 * 86400, gt=0)

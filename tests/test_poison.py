@@ -21,7 +21,7 @@ from conveyor.services.settings import load
 
 async def test_a_message_that_keeps_crashing_its_handler_is_dead_lettered(broker_url):
     settings = load(broker_url=broker_url, namespace=f"p{uuid.uuid4().hex[:10]}")
-    broker = create_broker(settings)
+    broker = create_broker(settings, "test")
     work = topic(settings.namespace, "work")
     handled: list[bytes] = []
     letters: asyncio.Queue = asyncio.Queue()

@@ -41,7 +41,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
 
-from .. import checkpoints, counters, database, sessions
+from .. import checkpoints, counters, database, sessions, telemetry
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -57,7 +57,7 @@ TASK_QUERIES = frozenset({"watch_task", "stream_task"})
 def create_app(settings: Settings | None = None) -> FastStream:
     settings = settings or load()
     ns = settings.namespace
-    broker = create_broker(settings)
+    broker = create_broker(settings, "control-plane")
     publisher_id = f"control_plane@{socket.gethostname()}:{os.getpid()}"
     engine: AsyncEngine | None = None
     cleaner: asyncio.Task | None = None
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         except InvalidMessage as exc:
             await rejected(body, source, exc)
             return
+        telemetry.tag(message)
         # Replies go out before the commit: a crash between the two repeats the reply
         # (clients dedupe on task id and event index) rather than losing it. Live followers
         # are told after it, so that one who joins meanwhile reads the event from the log.
@@ -242,7 +243,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
             cleaner.cancel()
             await asyncio.gather(cleaner, return_exceptions=True)
 
-    return FastStream(broker, on_startup=[start], after_startup=[declare],
+    return FastStream(broker, logger=logging.getLogger("conveyor.app"),
+                      on_startup=[start], after_startup=[declare],
                       on_shutdown=[stop_cleaning], after_shutdown=[stop])
 
 

@@ -41,7 +41,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY, REGISTRY
 
-from .. import counters, database
+from .. import counters, database, telemetry
 from ..bus import create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -57,7 +57,7 @@ class UnknownService(LookupError):
 def create_app(settings: Settings | None = None) -> FastStream:
     settings = settings or load()
     ns = settings.namespace
-    broker = create_broker(settings)
+    broker = create_broker(settings, "orchestrator")
     publisher_id = f"orchestrator@{socket.gethostname()}:{os.getpid()}"
     engine: AsyncEngine | None = None
     registered: set[str] = set()
@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
         async with engine.begin() as conn:
             if not await state.claim_first_dispatch(conn, task.task_id, task.service,
                                                     task.parent_task_id,
-                                                    task.model_dump(mode="json")):
+                                                    task.model_dump(mode="json"),
+                                                    telemetry.carrier()):
                 log.info("task %s was dispatched before; duplicate ignored", task.task_id)
                 return
             message = DispatchTaskMessage(
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
             message = parse_message(body)
         except InvalidMessage:
             return  # the control plane answers and dead-letters it
+        telemetry.tag(message)
         match message:
             case NewTaskMessage(data=task):
                 if await is_registered(task.service):
@@ -141,14 +143,16 @@ def create_app(settings: Settings | None = None) -> FastStream:
     async def dispatch_due() -> None:
         async with engine.begin() as conn:
             for item in await state.take_due(conn):
-                await redispatch(item["task"], item["attempt"])
+                await redispatch(item["task"], item["attempt"], item["trace"])
 
-    async def redispatch(task_data: dict, attempt: int) -> None:
+    async def redispatch(task_data: dict, attempt: int, trace: dict | None) -> None:
+        """Dispatch a later attempt, in the trace of the task's first."""
         task = NewTask.model_validate(task_data)
         message = DispatchTaskMessage(type=task.service, publisher_id=publisher_id,
                                       data=DispatchTask(task=task, attempt=attempt))
-        await publish(broker, settings, message, service_topic(ns, task.service),
-                      key=task.task_id)
+        with telemetry.resumed(task.task_id, trace):
+            await publish(broker, settings, message, service_topic(ns, task.service),
+                          key=task.task_id)
 
     async def steer(message: PauseTaskMessage | ResumeTaskMessage) -> None:
         """Pause a task (its worker checkpoints and lets go of it) or resume it as its next
@@ -170,7 +174,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
                     type=CONTROL_PLANE, publisher_id=publisher_id, data=status),
                     topic(ns, CONTROL_PLANE), key=request.task_id)
             if found.done and not pausing:
-                await redispatch(found.task, found.attempt)
+                await redispatch(found.task, found.attempt, found.trace)
         await answer(message, found.found, found.done)
 
     async def answer(message, found: bool, done: bool) -> None:
@@ -241,7 +245,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
             for item in expired:
                 log.warning("task %s: its worker went silent; dispatching attempt %d",
                             item["task"]["task_id"], item["attempt"])
-                await redispatch(item["task"], item["attempt"])
+                await redispatch(item["task"], item["attempt"], item["trace"])
             if expired:
                 await counters.add(conn, counters.RECOVERED, len(expired))
 
@@ -266,7 +270,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
         await declare_system_queues(broker, settings)
         sweeper = asyncio.create_task(recover_forever())
 
-    return FastStream(broker, on_startup=[start], after_startup=[declare],
+    return FastStream(broker, logger=logging.getLogger("conveyor.app"),
+                      on_startup=[start], after_startup=[declare],
                       on_shutdown=[stop_sweeping], after_shutdown=[stop])
 
 

@@ -13,13 +13,13 @@ from ..database import dialect_insert, dispatches, now, services
 
 async def claim_first_dispatch(
     conn: AsyncConnection, task_id: str, service: str, parent_task_id: str | None = None,
-    task: dict | None = None,
+    task: dict | None = None, trace: dict | None = None,
 ) -> bool:
     """Record attempt 1 of a task; False when the task was dispatched before (a duplicate)."""
     result = await conn.execute(
         dialect_insert(conn, dispatches)
         .values(task_id=task_id, service=service, attempt=1, parent_task_id=parent_task_id,
-                finished=False, task=task, dispatched_at=now())
+                finished=False, task=task, trace=trace, dispatched_at=now())
         .on_conflict_do_nothing()
     )
     return result.rowcount == 1
@@ -40,13 +40,13 @@ async def renew_leases(conn: AsyncConnection, beat: Heartbeat) -> None:
 async def take_expired(conn: AsyncConnection, timeout: float, limit: int = 100) -> list[dict]:
     """Attempts whose worker went silent for `timeout` seconds, moved to their next attempt.
 
-    Returns each task's NEW_TASK and new attempt number, to dispatch again. Several
+    Returns each task's NEW_TASK, new attempt number and trace, to dispatch again. Several
     orchestrators may sweep at once: on PostgreSQL each takes rows the others have not
     locked (SKIP LOCKED); SQLite runs one writer at a time.
     """
     silent_since = now() - timedelta(seconds=timeout)
     statement = (
-        select(dispatches.c.task_id, dispatches.c.attempt, dispatches.c.task)
+        select(dispatches.c.task_id, dispatches.c.attempt, dispatches.c.task, dispatches.c.trace)
         .where(dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
                dispatches.c.paused.is_(False), dispatches.c.heartbeat_at < silent_since)
         .limit(limit)
@@ -54,12 +54,13 @@ async def take_expired(conn: AsyncConnection, timeout: float, limit: int = 100) 
     if conn.dialect.name == "postgresql":
         statement = statement.with_for_update(skip_locked=True)
     expired = (await conn.execute(statement)).all()
-    for task_id, attempt, _ in expired:
+    for row in expired:
         await conn.execute(
-            update(dispatches).where(dispatches.c.task_id == task_id)
-            .values(attempt=attempt + 1, dispatched_at=now(), **NO_LEASE)
+            update(dispatches).where(dispatches.c.task_id == row.task_id)
+            .values(attempt=row.attempt + 1, dispatched_at=now(), **NO_LEASE)
         )
-    return [{"task": task, "attempt": attempt + 1} for _, attempt, task in expired if task]
+    return [{"task": row.task, "attempt": row.attempt + 1, "trace": row.trace}
+            for row in expired if row.task]
 
 
 NO_LEASE = {"instance_id": None, "started_at": None, "heartbeat_at": None}
@@ -85,7 +86,7 @@ async def schedule_retry(conn: AsyncConnection, task_id: str, attempt: int,
 async def take_due(conn: AsyncConnection, limit: int = 100) -> list[dict]:
     """Retries whose time has come, taken to be dispatched (SKIP LOCKED, as take_expired)."""
     statement = (
-        select(dispatches.c.task_id, dispatches.c.attempt, dispatches.c.task)
+        select(dispatches.c.task_id, dispatches.c.attempt, dispatches.c.task, dispatches.c.trace)
         .where(dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
                dispatches.c.paused.is_(False), dispatches.c.retry_at <= now())
         .limit(limit)
@@ -93,10 +94,11 @@ async def take_due(conn: AsyncConnection, limit: int = 100) -> list[dict]:
     if conn.dialect.name == "postgresql":
         statement = statement.with_for_update(skip_locked=True)
     due = (await conn.execute(statement)).all()
-    for task_id, _, _ in due:
-        await conn.execute(update(dispatches).where(dispatches.c.task_id == task_id)
+    for row in due:
+        await conn.execute(update(dispatches).where(dispatches.c.task_id == row.task_id)
                            .values(retry_at=None, dispatched_at=now()))
-    return [{"task": task, "attempt": attempt} for _, attempt, task in due if task]
+    return [{"task": row.task, "attempt": row.attempt, "trace": row.trace}
+            for row in due if row.task]
 
 
 class Steered(NamedTuple):
@@ -105,6 +107,7 @@ class Steered(NamedTuple):
     service: str
     task: dict | None = None  # for a resumed task: the NEW_TASK to dispatch again
     attempt: int = 0  # for a resumed task: its new attempt
+    trace: dict | None = None  # for a resumed task: the trace it was first dispatched in
 
 
 async def pause(conn: AsyncConnection, task_id: str) -> Steered:
@@ -128,7 +131,7 @@ async def resume(conn: AsyncConnection, task_id: str) -> Steered:
     )
     if resumed.rowcount == 0:
         return Steered(True, False, row.service)
-    return Steered(True, True, row.service, row.task, row.attempt + 1)
+    return Steered(True, True, row.service, row.task, row.attempt + 1, row.trace)
 
 
 class Cancellation(NamedTuple):

@@ -48,7 +48,7 @@ from conveyor.contracts import (
 from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 from conveyor.remote import Caller, current_caller
 
-from .. import checkpoints, database, sessions
+from .. import checkpoints, database, sessions, telemetry
 from ..bus import Redeliver, create_broker, declare_system_queues, publish, subscribe
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
@@ -71,7 +71,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     ns = settings.namespace
     own_topic = service_topic(ns, name)
     workflow = workflow or load_workflow(settings.workflow)
-    broker = create_broker(settings)
+    broker = create_broker(settings, name)
     instance_id = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     accepted = accepted_events(workflow)
     running: dict[str, int] = {}
@@ -243,6 +243,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             await reject(broker, settings, body=body, source_topic=own_topic,
                          error_type=exc.error_type, reason=str(exc), publisher_id=instance_id)
             return
+        telemetry.tag(message)
         if draining:
             await asyncio.sleep(0.5)  # let a replica that is not stopping take it
             raise Redeliver(message.data.task.task_id)
@@ -337,7 +338,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         if engine is not None:
             await engine.dispose()
 
-    return FastStream(broker, on_startup=[connect], after_startup=[register],
+    return FastStream(broker, logger=logging.getLogger("conveyor.app"),
+                      on_startup=[connect], after_startup=[register],
                       on_shutdown=[drain, deregister], after_shutdown=[disconnect])
 
 
