@@ -191,6 +191,14 @@ class RegisterService(Payload):
         default_factory=list,
         description="qualified names of the event types send_event may deliver to its tasks",
     )
+    start_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the workflow's start event")
+    stop_schema: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the workflow's stop event")
+    event_schemas: list[dict[str, Any]] = Field(
+        default_factory=list, description="JSON Schema of each event type of the workflow")
+    graph: dict[str, Any] | None = Field(
+        default=None, description="the workflow's graph (llama-index-workflows WorkflowGraph)")
 
 
 class RunningTask(BaseModel):

@@ -118,6 +118,8 @@ services = Table(
     Column("name", String(100), primary_key=True),
     Column("workflow", String(300)),
     Column("event_types", JSON),
+    # start_schema, stop_schema, event_schemas, graph: what the gateway serves.
+    Column("described", JSON),
     Column("registered_at", UTCDateTime(), nullable=False),
     Column("last_seen", UTCDateTime(), nullable=False),
 )

@@ -101,6 +101,15 @@ async def test_services_lists_registered_instances(deployment):
     assert any(instance["alive"] for instance in found["echo"]["instances"])
 
 
+async def test_a_service_registers_its_event_schemas_and_graph(deployment):
+    async with deployment.client() as client:
+        echo = {service["name"]: service for service in await client.list_services()}["echo"]
+    assert echo["start_schema"]["title"] == "StartEvent"
+    assert echo["stop_schema"]["title"] == "StopEvent"
+    assert {"StartEvent", "StopEvent"} <= {s["title"] for s in echo["event_schemas"]}
+    assert {n["id"] for n in echo["graph"]["nodes"] if n["node_type"] == "step"} == {"echo"}
+
+
 def test_cli_publish_wait_prints_the_result(deployment):
     done = subprocess.run(
         [sys.executable, "-m", "conveyor", "publish", "echo", "--input", '{"from": "shell"}',

@@ -296,6 +296,9 @@ def _accepts(accepted: list[str], sent: SendEvent) -> bool:
     return any(name.rsplit(".", 1)[-1] == sent.event.type for name in accepted)
 
 
+DESCRIBED = {"start_schema", "stop_schema", "event_schemas", "graph"}
+
+
 async def record_registration(conn: AsyncConnection, reg: RegisterService) -> None:
     moment = now()
     await conn.execute(
@@ -304,8 +307,9 @@ async def record_registration(conn: AsyncConnection, reg: RegisterService) -> No
             services,
             ["name"],
             {"name": reg.service, "workflow": reg.workflow, "event_types": reg.event_types,
-             "registered_at": moment, "last_seen": moment},
-            ["workflow", "event_types", "last_seen"],
+             "described": reg.model_dump(include=DESCRIBED), "registered_at": moment,
+             "last_seen": moment},
+            ["workflow", "event_types", "described", "last_seen"],
         )
     )
     await conn.execute(
@@ -438,7 +442,8 @@ async def list_services(conn: AsyncConnection, heartbeat_timeout: float) -> list
     alive_after = now() - timedelta(seconds=heartbeat_timeout)
     found: dict[str, dict[str, Any]] = {}
     for row in await conn.execute(select(services).order_by(services.c.name)):
-        found[row.name] = {"name": row.name, "workflow": row.workflow, "instances": []}
+        found[row.name] = {"name": row.name, "workflow": row.workflow,
+                           **dict.fromkeys(DESCRIBED), **(row.described or {}), "instances": []}
     for row in await conn.execute(select(instances).order_by(instances.c.started_at)):
         if row.service not in found:
             continue

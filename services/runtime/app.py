@@ -53,6 +53,7 @@ from ..bus import Redeliver, create_broker, declare_system_queues, publish, subs
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
 from ..settings import ConfigurationError, load
+from .described import describe_workflow
 from .settings import RuntimeSettings
 from .starting_point import StartingPoint, release, starting_point
 from .task_run import EventNotAccepted, TaskRun, accepted_events
@@ -74,6 +75,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     broker = create_broker(settings, name)
     instance_id = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     accepted = accepted_events(workflow)
+    described = describe_workflow(workflow)
     running: dict[str, int] = {}
     holding: dict[str, TaskRun] = {}
     runs: dict[str, asyncio.Task] = {}
@@ -309,7 +311,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         await declare_system_queues(broker, settings)
         registration = RegisterService(
             service=name, instance_id=instance_id, host=socket.gethostname(), pid=os.getpid(),
-            workflow=settings.workflow, event_types=sorted(accepted),
+            workflow=settings.workflow, event_types=sorted(accepted), **described,
         )
         await emit(RegisterServiceMessage(type=REGISTRY, publisher_id=instance_id,
                                           data=registration), topic(ns, REGISTRY), instance_id)
