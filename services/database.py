@@ -158,6 +158,9 @@ dispatches = Table(
     Column("service", String(100), nullable=False, index=True),
     Column("attempt", Integer, nullable=False),
     Column("parent_task_id", String(200), index=True),
+    Column("session_id", String(200), index=True),
+    # Held back until the task before it in its session ends: one runs per session at once.
+    Column("held", Boolean, nullable=False, default=False),
     Column("finished", Boolean, nullable=False, default=False),
     Column("cancelled", Boolean, nullable=False, default=False),
     Column("paused", Boolean, nullable=False, default=False),

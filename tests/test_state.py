@@ -476,10 +476,10 @@ async def test_a_dead_letter_keeps_the_instant_it_was_received(engine):
 
 async def test_claim_first_dispatch_once_per_task(engine):
     async with engine.begin() as conn:
-        assert await orchestrator_state.claim_first_dispatch(conn, "t1", "echo") is True
+        assert (await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")).new is True
     async with engine.begin() as conn:
-        assert await orchestrator_state.claim_first_dispatch(conn, "t1", "echo") is False
-        assert await orchestrator_state.claim_first_dispatch(conn, "t2", "echo") is True
+        assert (await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")).new is False
+        assert (await orchestrator_state.claim_first_dispatch(conn, "t2", "echo")).new is True
     async with engine.begin() as conn:
         row = (
             await conn.execute(
@@ -489,6 +489,26 @@ async def test_claim_first_dispatch_once_per_task(engine):
     assert (row.service, row.attempt, row.finished) == ("echo", 1, False)
 
 
+async def test_tasks_of_one_session_are_dispatched_one_at_a_time_in_order(engine):
+    claim = orchestrator_state.claim_first_dispatch
+    async with engine.begin() as conn:
+        first = await claim(conn, "t1", "counter", task={"task_id": "t1"}, session_id="s")
+        second = await claim(conn, "t2", "counter", task={"task_id": "t2"}, session_id="s")
+        third = await claim(conn, "t3", "counter", task={"task_id": "t3"}, session_id="s")
+        elsewhere = await claim(conn, "t4", "counter", task={"task_id": "t4"}, session_id="o")
+    assert [c.held for c in (first, second, third, elsewhere)] == [False, True, True, False]
+    async with engine.begin() as conn:
+        assert await orchestrator_state.release_next(conn, "t1") is None  # t1 still runs
+        await orchestrator_state.mark_finished(conn, "t1")
+        released = await orchestrator_state.release_next(conn, "t1")
+        assert await orchestrator_state.release_next(conn, "t1") is None  # t2 runs now
+    assert released == {"task": {"task_id": "t2"}, "attempt": 1, "trace": None}
+    async with engine.begin() as conn:
+        await orchestrator_state.cancel(conn, "t2")
+        released = await orchestrator_state.release_next(conn, "t2")
+    assert released["task"] == {"task_id": "t3"}
+
+
 async def test_a_claim_rolled_back_can_be_claimed_again(engine):
     class PublishFailed(Exception):
         pass
@@ -496,10 +516,10 @@ async def test_a_claim_rolled_back_can_be_claimed_again(engine):
     # The orchestrator publishes inside the claim's transaction; a failed publish undoes it.
     with pytest.raises(PublishFailed):
         async with engine.begin() as conn:
-            assert await orchestrator_state.claim_first_dispatch(conn, "t1", "echo") is True
+            assert (await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")).new is True
             raise PublishFailed
     async with engine.begin() as conn:
-        assert await orchestrator_state.claim_first_dispatch(conn, "t1", "echo") is True
+        assert (await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")).new is True
 
 
 async def test_mark_finished_and_known_services(engine):

@@ -72,11 +72,15 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def dispatch(task: NewTask) -> None:
         async with engine.begin() as conn:
-            if not await state.claim_first_dispatch(conn, task.task_id, task.service,
-                                                    task.parent_task_id,
-                                                    task.model_dump(mode="json"),
-                                                    telemetry.carrier()):
+            claim = await state.claim_first_dispatch(
+                conn, task.task_id, task.service, task.parent_task_id,
+                task.model_dump(mode="json"), telemetry.carrier(), task.session_id)
+            if not claim.new:
                 log.info("task %s was dispatched before; duplicate ignored", task.task_id)
+                return
+            if claim.held:
+                log.info("task %s waits for the task before it in session %s", task.task_id,
+                         task.session_id)
                 return
             message = DispatchTaskMessage(
                 type=task.service, publisher_id=publisher_id,
@@ -120,6 +124,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
             case CompletedTaskMessage(data=outcome):
                 async with engine.begin() as conn:
                     await state.mark_finished(conn, outcome.task_id, outcome.attempt)
+                    if (after := await state.release_next(conn, outcome.task_id)) is not None:
+                        await redispatch(after["task"], after["attempt"], after["trace"])
             case CancelTaskMessage():
                 await cancel(message)
             case PauseTaskMessage() | ResumeTaskMessage():

@@ -3,7 +3,7 @@
 from datetime import timedelta
 from typing import NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import Heartbeat
@@ -11,18 +11,62 @@ from conveyor.contracts import Heartbeat
 from ..database import dialect_insert, dispatches, now, services
 
 
+class Claim(NamedTuple):
+    new: bool  # False: the task was dispatched before (a duplicate)
+    held: bool = False  # another task of its session is open: it waits for that one to end
+
+
 async def claim_first_dispatch(
     conn: AsyncConnection, task_id: str, service: str, parent_task_id: str | None = None,
-    task: dict | None = None, trace: dict | None = None,
-) -> bool:
-    """Record attempt 1 of a task; False when the task was dispatched before (a duplicate)."""
+    task: dict | None = None, trace: dict | None = None, session_id: str | None = None,
+) -> Claim:
+    """Record attempt 1 of a task, held back when another task of its session is open (tasks
+    of one session share its state, so they run one at a time, in the order they came)."""
+    held = session_id is not None and await _session_busy(conn, session_id)
     result = await conn.execute(
         dialect_insert(conn, dispatches)
         .values(task_id=task_id, service=service, attempt=1, parent_task_id=parent_task_id,
-                finished=False, task=task, trace=trace, dispatched_at=now())
+                session_id=session_id, held=held, finished=False, task=task, trace=trace,
+                dispatched_at=now())
         .on_conflict_do_nothing()
     )
-    return result.rowcount == 1
+    return Claim(result.rowcount == 1, held)
+
+
+async def _session_busy(conn: AsyncConnection, session_id: str) -> bool:
+    """Whether a task of the session is open and not held; on PostgreSQL, first waits for any
+    other transaction deciding about the same session (an advisory lock until commit)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(session_id))))
+    busy = await conn.execute(
+        select(dispatches.c.task_id)
+        .where(dispatches.c.session_id == session_id, dispatches.c.finished.is_(False),
+               dispatches.c.held.is_(False))
+        .limit(1)
+    )
+    return busy.first() is not None
+
+
+async def release_next(conn: AsyncConnection, task_id: str) -> dict | None:
+    """Once a task has ended, the next held task of its session, no longer held: returns its
+    NEW_TASK and trace, to dispatch; None when there is none (or the session is busy)."""
+    row = (await conn.execute(
+        select(dispatches.c.session_id, dispatches.c.finished)
+        .where(dispatches.c.task_id == task_id))).first()
+    if row is None or not row.finished or row.session_id is None:
+        return None
+    if await _session_busy(conn, row.session_id):
+        return None
+    waiting = (await conn.execute(
+        select(dispatches.c.task_id, dispatches.c.task, dispatches.c.trace)
+        .where(dispatches.c.session_id == row.session_id, dispatches.c.held.is_(True),
+               dispatches.c.finished.is_(False))
+        .order_by(dispatches.c.dispatched_at).limit(1))).first()
+    if waiting is None:
+        return None
+    await conn.execute(update(dispatches).where(dispatches.c.task_id == waiting.task_id)
+                       .values(held=False, dispatched_at=now()))
+    return {"task": waiting.task, "attempt": 1, "trace": waiting.trace}
 
 
 async def renew_leases(conn: AsyncConnection, beat: Heartbeat) -> None:
