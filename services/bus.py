@@ -23,6 +23,7 @@ from faststream.kafka.schemas import Topic
 from faststream.message import StreamMessage
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 from faststream.rabbit.schemas import Channel
+from faststream.rabbit.schemas.queue import QueueType
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -95,9 +96,16 @@ async def declare_system_queues(broker: Broker, settings: Settings) -> None:
     declared = await broker.declare_exchange(exchange(settings))
     for message_type, part in SYSTEM_SUBSCRIPTIONS:
         queue = await broker.declare_queue(
-            RabbitQueue(group_name(settings, message_type, part), durable=True)
+            group_queue(settings, group_name(settings, message_type, part))
         )
         await queue.bind(declared, routing_key=topic(settings.namespace, message_type))
+
+
+def group_queue(settings: Settings, name: str, routing_key: str = "") -> RabbitQueue:
+    """The durable queue a group's replicas share; a quorum queue (replicated across a
+    RabbitMQ cluster) with CONVEYOR_RABBIT_QUEUE_TYPE=quorum."""
+    return RabbitQueue(name, durable=True, routing_key=routing_key,
+                       queue_type=QueueType(settings.rabbit_queue_type))
 
 
 def exchange(settings: Settings) -> RabbitExchange:
@@ -180,7 +188,7 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
             queue = RabbitQueue(f"{topic}.{uuid.uuid4().hex[:8]}", routing_key=topic,
                                 durable=True, arguments={"x-expires": _expiry_ms(settings)})
         else:
-            queue = RabbitQueue(group, routing_key=topic, durable=True)
+            queue = group_queue(settings, group, routing_key=topic)
         return broker.subscriber(
             queue,
             exchange(settings),

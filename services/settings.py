@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(default=10.0, gt=0)
     publish_timeout: float = Field(default=30.0, gt=0, description="seconds a publish keeps "
                                    "retrying while the broker is unreachable before it fails")
+    rabbit_queue_type: Literal["classic", "quorum"] = Field(
+        default="classic", description="quorum: replicated queues, for a RabbitMQ cluster")
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_idempotence: bool = False
     log_level: str = "INFO"

@@ -130,7 +130,11 @@ class Deployment:
                               capture_output=True, text=True, timeout=timeout)
 
     def client(self) -> Client:
-        return Client(self.broker_url, self.namespace)
+        """A client configured as the parts are (the queue type it declares, for one)."""
+        settings = {key.removeprefix("CONVEYOR_").lower(): value
+                    for key, value in self.overrides.items() if key.startswith("CONVEYOR_")}
+        return Client(settings=load(**{**settings, "broker_url": self.broker_url,
+                                       "namespace": self.namespace}))
 
     async def ready(self, *services: str, timeout: float = 90.0) -> None:
         """Wait until each service has run a task end to end (or, if it waits for input
