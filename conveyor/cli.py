@@ -104,6 +104,57 @@ def serve(
 
 
 @app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="address to listen on [default: 127.0.0.1]")]
+    = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on [default: 8080]")] = None,
+) -> None:
+    """Run the HTTP gateway: the LlamaIndex workflow server's protocol over Conveyor tasks."""
+    import uvicorn
+
+    from conveyor.services.gateway.app import create_app
+    from conveyor.services.gateway.settings import GatewaySettings
+
+    overrides = {"gateway_host": host, "gateway_port": port}
+    try:
+        settings = load(GatewaySettings, **{k: v for k, v in overrides.items() if v is not None})
+        logs.configure(settings)
+        settings.require_broker_url()
+    except ConfigurationError as exc:
+        fail(exc)
+
+    async def run() -> None:
+        from conveyor.client import Client
+
+        client = Client(settings=settings, publisher_id="gateway")
+        try:
+            await client.start()
+        except Exception:
+            with suppress(Exception):
+                await client.close()
+            raise
+        # Conveyor's logging stays in charge (log_config=None); a stream still open at
+        # SIGTERM gets a few seconds, not forever.
+        server = uvicorn.Server(uvicorn.Config(
+            create_app(settings, client), host=settings.gateway_host,
+            port=settings.gateway_port, log_config=None, timeout_graceful_shutdown=5))
+        try:
+            await server.serve()
+        finally:
+            await client.close()
+        if not server.started:
+            raise RuntimeError(f"nothing listens on {settings.gateway_host}:"
+                               f"{settings.gateway_port} (see the log above)")
+
+    try:
+        _run_loop(run())
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:
+        fail(f"cannot run: {type(exc).__name__}: {exc}")
+
+
+@app.command()
 def up(
     services: Annotated[
         list[str] | None,

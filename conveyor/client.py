@@ -367,7 +367,8 @@ class Client:
         return await self._ask(Query(kind="pending_work", reply_to=self._reply_to))
 
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
-        """The control plane's record of a task, or None if it has none."""
+        """The control plane's record of a task, or None if it has none (asked after the
+        task's NEW_TASK, so a task just started is found)."""
         return await self._ask(Query(kind="get_task", task_id=task_id, reply_to=self._reply_to))
 
     async def status(self, task_id: str) -> str | None:
@@ -406,7 +407,7 @@ class Client:
 
     async def _ask(self, query: Query, timeout: float | None = -1.0) -> Any:
         message = QueryMessage(type=QUERY, publisher_id=self.publisher_id, data=query)
-        if query.kind in ("watch_task", "stream_task"):
+        if query.kind in ("watch_task", "stream_task", "get_task"):
             # Through the front door, keyed by the task: answered after its NEW_TASK.
             return await self._request(
                 message, topic(self.settings.namespace, CONTROL_PLANE), query.kind,

@@ -51,7 +51,9 @@ log = logging.getLogger("conveyor.control_plane")
 
 # Queries about one task that may also come through the front door, keyed by the task id,
 # so that they are answered after the task's NEW_TASK has been recorded.
-TASK_QUERIES = frozenset({"watch_task", "stream_task"})
+# Queries about one task that may come through the front door, keyed by the task: answered
+# after the task's NEW_TASK, so a client asking right after starting it finds it.
+TASK_QUERIES = frozenset({"watch_task", "stream_task", "get_task"})
 
 
 def create_app(settings: Settings | None = None) -> FastStream:

@@ -1,0 +1,1 @@
+"""The HTTP gateway: the LlamaIndex workflow-server protocol over Conveyor tasks."""

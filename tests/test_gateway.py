@@ -1,0 +1,257 @@
+"""The HTTP gateway, as a user of llama-agents-client's unmodified WorkflowClient sees it,
+against real processes on both brokers."""
+
+import asyncio
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+from llama_agents.client import WorkflowClient
+from workflows.events import HumanResponseEvent, StartEvent
+
+from .deployment import Deployment, eventually, serving
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def _answers(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(f"{url}/health")).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def gateway(broker_url, tmp_path_factory):
+    """A deployment with echo, greeter and slow, and `conveyor gateway` in front of it."""
+    with serving(Deployment(broker_url, tmp_path_factory.mktemp("gateway")),
+                 "echo", "greeter", "slow") as deployment:
+        port = _free_port()
+        log = open(deployment.workdir / "gateway.log", "ab")  # noqa: SIM115
+        deployment.processes["gateway"] = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", "gateway", "--port", str(port)],
+            env=deployment.env | {"CONVEYOR_GATEWAY_TOKEN": TOKEN}, cwd=deployment.workdir,
+            stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(eventually(lambda: _answers(url), timeout=30))
+        except TimeoutError:
+            print(deployment.logs())
+            raise
+        yield url
+
+
+@pytest.fixture
+async def client(gateway):
+    """WorkflowClient as its docs say to pass custom auth headers: an httpx client."""
+    async with httpx.AsyncClient(base_url=gateway, headers=AUTH, timeout=60) as http:
+        yield WorkflowClient(httpx_client=http)
+
+
+@pytest.fixture
+async def http(gateway):
+    async with httpx.AsyncClient(base_url=gateway, headers=AUTH, timeout=60) as http:
+        yield http
+
+
+async def _collect(stream) -> list[tuple[int, str, dict]]:
+    return [(stream.last_sequence, event.type, event.value) async for event in stream]
+
+
+async def test_health_and_workflow_list(client):
+    assert (await client.is_healthy()).status == "healthy"
+    assert {"echo", "greeter", "slow"} <= set((await client.list_workflows()).workflows)
+
+
+async def test_run_workflow_answers_with_the_result_as_a_stop_event(client):
+    handler = await client.run_workflow("echo", start_event=StartEvent(message="hi"))
+
+    assert handler.status == "completed"
+    assert handler.workflow_name == "echo"
+    assert handler.result.type == "StopEvent"
+    assert handler.result.value == {"result": {"echo": {"message": "hi"}}}
+    assert handler.result.load_event().result == {"echo": {"message": "hi"}}
+
+
+async def test_run_workflow_of_a_failing_task_answers_failed_with_its_error(client):
+    handler = await client.run_workflow("echo", start_event={"fail": "on purpose"})
+
+    assert handler.status == "failed"
+    assert handler.result is None
+    assert handler.error == "EchoFailed: on purpose"
+
+
+async def test_events_stream_in_order_with_sequences_and_resume_after_one(client):
+    handler = await client.run_workflow_nowait(
+        "echo", start_event=StartEvent(events=3, pause=0.05))
+
+    everything = await _collect(client.get_workflow_events(handler.handler_id))
+    resumed = await _collect(client.get_workflow_events(handler.handler_id, after_sequence=1))
+    after_the_end = await _collect(client.get_workflow_events(handler.handler_id,
+                                                              after_sequence=3))
+
+    assert everything == [
+        (0, "Progress", {"step": 1, "of": 3}),
+        (1, "Progress", {"step": 2, "of": 3}),
+        (2, "Progress", {"step": 3, "of": 3}),
+        (3, "StopEvent", {"result": {"echo": {"events": 3, "pause": 0.05}}}),
+    ]
+    assert resumed == everything[2:]
+    assert after_the_end == []
+
+
+async def test_send_event_answers_a_greeter_waiting_for_input(client):
+    handler = await client.run_workflow_nowait("greeter", start_event=StartEvent(greeting="hi"))
+    stream = client.get_workflow_events(handler.handler_id)
+
+    async for event in stream:
+        if event.type == "InputRequiredEvent":
+            sent = await client.send_event(handler.handler_id,
+                                           HumanResponseEvent(response="Ada"))
+            break
+    await stream.aclose()
+    done = await client.wait_for_handler(handler.handler_id, timeout=60, poll_interval=0.2)
+
+    assert sent.status == "sent"
+    assert done.status == "completed"
+    assert done.result.value == {"result": "hi, Ada"}
+
+
+async def test_get_handler_is_running_then_completed(client):
+    handler = await client.run_workflow_nowait("slow", start_event=StartEvent(seconds=3))
+
+    running = await client.get_handler(handler.handler_id)
+    done = await client.wait_for_handler(handler.handler_id, timeout=60, poll_interval=0.2)
+
+    assert running.status == "running"
+    assert running.result is None
+    assert done.status == "completed"
+    assert done.result.value == {"result": {"waited": 3}}
+    assert done.completed_at is not None
+
+
+async def test_get_handlers_filters_by_status_and_workflow(client):
+    finished = (await client.run_workflow("echo", start_event={"n": 1})).handler_id
+    running = (await client.run_workflow_nowait("slow", start_event={"seconds": 60})).handler_id
+
+    slow_running = await client.get_handlers(status=["running"], workflow_name=["slow"])
+    echo_completed = await client.get_handlers(status=["completed"], workflow_name=["echo"])
+    both = await client.get_handlers(workflow_name=["echo", "slow"])
+    await client.cancel_handler(running)
+
+    slow_ids = {h.handler_id for h in slow_running.handlers}
+    echo_ids = {h.handler_id for h in echo_completed.handlers}
+    assert running in slow_ids and finished not in slow_ids
+    assert {h.status for h in slow_running.handlers} == {"running"}
+    assert finished in echo_ids and running not in echo_ids
+    assert {running, finished} <= {h.handler_id for h in both.handlers}
+
+
+async def test_cancel_handler_cancels_a_running_task(client):
+    handler = await client.run_workflow_nowait("slow", start_event={"seconds": 60})
+
+    cancelled = await client.cancel_handler(handler.handler_id)
+    ended = await client.wait_for_handler(handler.handler_id, timeout=60, poll_interval=0.2)
+    purged = await client.cancel_handler(handler.handler_id, purge=True)
+
+    assert cancelled.status == "cancelled"
+    assert ended.status == "cancelled"
+    assert ended.error.startswith("TaskCancelled")
+    assert purged.status == "cancelled"  # the record is kept until its TTL, and it says so
+
+
+async def test_cancel_with_purge_says_the_record_was_kept(http):
+    started = (await http.post("/workflows/slow/run-nowait",
+                               json={"start_event": {"seconds": 60}})).json()
+
+    answer = await http.post(f"/handlers/{started['handler_id']}/cancel",
+                             params={"purge": "true"})
+
+    assert answer.status_code == 200
+    assert answer.json()["purged"] is False
+    assert "TTL" in answer.json()["detail"]
+
+
+async def test_workflow_schema_events_and_graph_come_from_registration(client):
+    schema = await client.get_workflow_schema("greeter")
+    kinds = await client.get_workflow_events_schema("greeter")
+    graph = await client.get_workflow_graph("greeter")
+
+    assert schema.start["title"] == "StartEvent"
+    assert schema.stop["title"] == "StopEvent"
+    assert "HumanResponseEvent" in {e["title"] for e in kinds.events}
+    assert graph.graph.nodes
+
+
+async def test_every_route_but_health_demands_the_token(gateway):
+    async with httpx.AsyncClient(base_url=gateway) as anonymous:
+        health = await anonymous.get("/health")
+        without = await anonymous.get("/workflows")
+        wrong = await anonymous.get("/handlers", headers={"Authorization": "Bearer nope"})
+        openapi = await anonymous.get("/openapi.json")
+
+    assert health.status_code == 200
+    assert [without.status_code, wrong.status_code, openapi.status_code] == [401, 401, 401]
+    assert "Bearer" in without.json()["detail"]
+
+
+async def test_unknown_workflow_and_handler_are_404(http):
+    answers = [
+        await http.post("/workflows/nope/run", json={}),
+        await http.post("/workflows/nope/run-nowait", json={}),
+        await http.get("/workflows/nope/schema"),
+        await http.get("/workflows/nope/events"),
+        await http.get("/workflows/nope/representation"),
+        await http.get("/handlers/no-such-task"),
+        await http.get("/events/no-such-task"),
+        await http.post("/events/no-such-task", json={"event": {"type": "X", "value": {}}}),
+        await http.post("/handlers/no-such-task/cancel"),
+    ]
+
+    assert [a.status_code for a in answers] == [404] * len(answers)
+    assert "nope" in answers[0].json()["detail"]
+    assert "no-such-task" in answers[5].json()["detail"]
+
+
+async def test_malformed_requests_get_a_4xx_that_names_the_problem(http):
+    not_json = await http.post("/workflows/echo/run-nowait", content=b"{not json",
+                               headers={"Content-Type": "application/json"})
+    wrong_type = await http.post("/workflows/echo/run-nowait", json={"start_event": 5})
+    reserved = await http.post("/workflows/echo/run-nowait",
+                               json={"start_event": {"task_id": "x"}})
+    bad_status = await http.get("/handlers", params={"status": "sleeping"})
+    started = (await http.post("/workflows/greeter/run-nowait", json={})).json()
+    untyped_event = await http.post(f"/events/{started['handler_id']}",
+                                    json={"event": {"value": {"response": "x"}}})
+    bad_sequence = await http.get(f"/events/{started['handler_id']}",
+                                  params={"after_sequence": "soon"})
+    await http.post(f"/handlers/{started['handler_id']}/cancel")
+
+    assert not_json.status_code == 422 and "JSON" in not_json.text
+    assert wrong_type.status_code == 422 and "start_event" in wrong_type.text
+    assert reserved.status_code == 422 and "task_id" in reserved.text
+    assert bad_status.status_code == 422 and "running" in bad_status.text
+    assert untyped_event.status_code == 422 and "type" in untyped_event.text
+    assert bad_sequence.status_code == 422 and "after_sequence" in bad_sequence.text
+
+
+async def test_openapi_describes_every_route(http):
+    paths = (await http.get("/openapi.json")).json()["paths"]
+
+    assert {
+        "/health": {"get"}, "/workflows": {"get"}, "/workflows/{name}/schema": {"get"},
+        "/workflows/{name}/events": {"get"}, "/workflows/{name}/representation": {"get"},
+        "/workflows/{name}/run": {"post"}, "/workflows/{name}/run-nowait": {"post"},
+        "/events/{handler_id}": {"get", "post"}, "/handlers": {"get"},
+        "/handlers/{handler_id}": {"get"}, "/handlers/{handler_id}/cancel": {"post"},
+    } == {path: set(methods) for path, methods in paths.items()}
