@@ -1,7 +1,8 @@
 """`conveyor up`: every part of Conveyor on one machine, as child processes.
 
 Starts the embedded Kafka-compatible broker when CONVEYOR_BROKER_URL is unset, then the
-control plane, the orchestrator and the workflow services; Ctrl-C stops every one of them.
+control plane, the orchestrator, the HTTP gateway and the workflow services; Ctrl-C stops
+every one of them.
 """
 
 import asyncio
@@ -15,6 +16,7 @@ from rich.console import Console
 
 from conveyor import embedded_broker
 from conveyor.client import Client
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.services.settings import load
 
 EXAMPLES = [
@@ -57,17 +59,23 @@ def run_everything(services: list[str]) -> int:
         env["CONVEYOR_BROKER_URL"] = url
         console.print(f"embedded Kafka-compatible broker (tansu, in memory) at [bold]{url}[/]")
     url = env["CONVEYOR_BROKER_URL"]
+    gateway = GatewaySettings().gateway_port
+    if "CONVEYOR_GATEWAY_PORT" not in os.environ and embedded_broker.port_open(gateway):
+        gateway = embedded_broker.free_port()  # 8080 is taken: any free port will do
     commands = {"control-plane": _conveyor("control-plane"),
-                "orchestrator": _conveyor("orchestrator")}
+                "orchestrator": _conveyor("orchestrator"),
+                "gateway": _conveyor("gateway", "--port", str(gateway))}
     for spec in services or EXAMPLES:
         name, _, workflow = spec.partition("=")
         commands[name] = _conveyor("serve", workflow, "--name", name)
     try:
         for name, command in commands.items():
             children[name] = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent)
-        services_up = [name for name in commands if name not in ("control-plane", "orchestrator")]
+        services_up = [name for name in commands
+                       if name not in ("control-plane", "orchestrator", "gateway")]
         asyncio.run(_until_registered(url, settings.namespace, services_up))
         console.print(f"running {', '.join(children)} on {url} (state: {settings.state_url})")
+        console.print(f"the HTTP gateway: http://127.0.0.1:{gateway} (routes: /docs)")
         console.print("publish a task from another shell with:\n"
                       f"  CONVEYOR_BROKER_URL={url} conveyor publish echo "
                       "--input '{\"message\": \"hello\"}' --wait\n"

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 
+import httpx
 import pytest
 
 from conveyor.up import EXAMPLES
@@ -43,8 +44,8 @@ def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(broker, request, t
         url = found.group(1)
         children = [int(p) for p in subprocess.run(
             ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
-        # control plane, orchestrator, the examples; and the embedded broker when it runs one
-        parts = 2 + len(EXAMPLES)
+        # control plane, orchestrator, gateway, the examples; and the embedded broker if any
+        parts = 3 + len(EXAMPLES)
         assert len(children) == (parts + 1 if broker == "embedded" else parts)
 
         published = subprocess.run(
@@ -55,6 +56,8 @@ def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(broker, request, t
         )
         assert published.returncode == 0, published.stderr
         assert '"message": "hello"' in published.stdout
+        gateway = re.search(r"the HTTP gateway: (http://\S+)", "".join(lines)).group(1)
+        assert _healthy(gateway), f"no gateway answers at {gateway}"
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
@@ -62,6 +65,16 @@ def test_conveyor_up_runs_a_task_and_ctrl_c_stops_every_child(broker, request, t
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def _healthy(url: str) -> bool:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            return httpx.get(f"{url}/health", timeout=5).json() == {"status": "healthy"}
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return False
 
 
 def test_children_die_with_conveyor_up_even_on_kill9(tmp_path):
