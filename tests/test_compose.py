@@ -21,7 +21,7 @@ from conveyor.services.settings import load
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
-EXPECTED_PARTS = {"control-plane", "orchestrator", "echo", "slow"}
+EXPECTED_PARTS = {"control-plane", "orchestrator", "gateway", "echo", "slow"}
 
 
 def compose() -> dict:
