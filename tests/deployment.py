@@ -84,11 +84,11 @@ class Deployment:
         process.send_signal(signal.SIGKILL)
         process.wait()
 
-    def stop_part(self, part: str) -> None:
+    def stop_part(self, part: str, timeout: float = 20) -> None:
         """Stop one part as an operator would (SIGTERM), and wait until it has."""
         process = self.processes.pop(part)
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
+        process.wait(timeout=timeout)
 
     def stop(self) -> None:
         for process in self.processes.values():

@@ -114,7 +114,7 @@ async def both_alive(client) -> bool:
     return bool(found) and sum(i["alive"] for i in found["instances"]) == 2
 
 
-async def sigterm_the_holder(deployment, client, task_id: str, log) -> float:
+async def sigterm_the_holder(deployment, client, task_id: str, log, grace: str) -> float:
     """SIGTERM the replica running the task once it is in step two; seconds it took to exit."""
     await eventually(lambda: both_alive(client), timeout=60)
     await eventually(lambda: noted(log, "two"), timeout=60)
@@ -128,7 +128,8 @@ async def sigterm_the_holder(deployment, client, task_id: str, log) -> float:
 
     part = await eventually(holder, timeout=30)
     started = time.monotonic()
-    await asyncio.to_thread(deployment.stop_part, part)
+    # It may take its whole grace period (and then some) to exit.
+    await asyncio.to_thread(deployment.stop_part, part, float(grace) + 15)
     print(f"injected: SIGTERM of the stepper replica {part!r} during step two")
     return time.monotonic() - started
 
@@ -148,7 +149,7 @@ async def test_a_replica_stopped_with_sigterm_finishes_or_hands_back_its_task(
     log = tmp_path / "steps.log"
     async with deployment.client() as client:
         task_id = await client.run_nowait("stepper", log=str(log), seconds=seconds)
-        took = await sigterm_the_holder(deployment, client, task_id, log)
+        took = await sigterm_the_holder(deployment, client, task_id, log, grace)
         result = await client.result(task_id, timeout=120)
         record = await client.get_task(task_id)
     print(f"found: the replica exited in {took:.1f} s; steps run {log.read_text().split()}, "
