@@ -32,23 +32,32 @@ async def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def gateway(broker_url, tmp_path_factory):
-    """A deployment with echo, greeter and slow, and `conveyor gateway` in front of it."""
+def gateways(broker_url, tmp_path_factory):
+    """A deployment with echo, greeter and slow, and two `conveyor gateway` processes in
+    front of it."""
     with serving(Deployment(broker_url, tmp_path_factory.mktemp("gateway")),
                  "echo", "greeter", "slow") as deployment:
-        port = _free_port()
-        log = open(deployment.workdir / "gateway.log", "ab")  # noqa: SIM115
-        deployment.processes["gateway"] = subprocess.Popen(
-            [sys.executable, "-m", "conveyor", "gateway", "--port", str(port)],
-            env=deployment.env | {"CONVEYOR_GATEWAY_TOKEN": TOKEN}, cwd=deployment.workdir,
-            stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
+        urls = []
+        for name in ("gateway", "gateway-b"):
+            port = _free_port()
+            log = open(deployment.workdir / f"{name}.log", "ab")  # noqa: SIM115
+            deployment.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", "gateway", "--port", str(port)],
+                env=deployment.env | {"CONVEYOR_GATEWAY_TOKEN": TOKEN},
+                cwd=deployment.workdir, stdout=log, stderr=subprocess.STDOUT)
+            urls.append(f"http://127.0.0.1:{port}")
         try:
-            asyncio.run(eventually(lambda: _answers(url), timeout=30))
+            for url in urls:
+                asyncio.run(eventually(lambda url=url: _answers(url), timeout=30))
         except TimeoutError:
             print(deployment.logs())
             raise
-        yield url
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def gateway(gateways):
+    return gateways[0]
 
 
 @pytest.fixture
@@ -108,6 +117,27 @@ async def test_events_stream_in_order_with_sequences_and_resume_after_one(client
     ]
     assert resumed == everything[2:]
     assert after_the_end == []
+
+
+async def test_a_stream_left_on_one_gateway_resumes_on_the_other(gateways):
+    first, second = (WorkflowClient(httpx_client=httpx.AsyncClient(
+        base_url=url, headers=AUTH, timeout=60)) for url in gateways)
+    handler = await first.run_workflow_nowait(
+        "echo", start_event=StartEvent(events=4, pause=0.3))
+    stream = first.get_workflow_events(handler.handler_id)
+    seen = []
+    async for event in stream:
+        seen.append((stream.last_sequence, event.type))
+        if len(seen) == 2:
+            break  # the connection to the first gateway is gone
+    rest = second.get_workflow_events(handler.handler_id,
+                                      after_sequence=stream.last_sequence)
+    seen += [(rest.last_sequence, event.type) async for event in rest]
+    assert seen == [(0, "Progress"), (1, "Progress"), (2, "Progress"), (3, "Progress"),
+                    (4, "StopEvent")]
+    # Both gateways see the task, finished.
+    for client in (first, second):
+        assert (await client.get_handler(handler.handler_id)).status == "completed"
 
 
 async def test_send_event_answers_a_greeter_waiting_for_input(client):
