@@ -14,6 +14,7 @@ from workflows.events import HumanResponseEvent, StartEvent
 from .deployment import Deployment, eventually, serving
 
 TOKEN = "s3cret-token"
+ALLOWED_ORIGIN = "http://dashboard.example"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -43,7 +44,8 @@ def gateways(broker_url, tmp_path_factory):
             log = open(deployment.workdir / f"{name}.log", "ab")  # noqa: SIM115
             deployment.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "conveyor", "gateway", "--port", str(port)],
-                env=deployment.env | {"CONVEYOR_GATEWAY_TOKEN": TOKEN},
+                env=deployment.env | {"CONVEYOR_GATEWAY_TOKEN": TOKEN,
+                                      "CONVEYOR_GATEWAY_CORS_ORIGINS": ALLOWED_ORIGIN},
                 cwd=deployment.workdir, stdout=log, stderr=subprocess.STDOUT)
             urls.append(f"http://127.0.0.1:{port}")
         try:
@@ -233,6 +235,19 @@ async def test_every_route_but_health_demands_the_token(gateway):
     assert health.status_code == 200
     assert [without.status_code, wrong.status_code, openapi.status_code] == [401, 401, 401]
     assert "Bearer" in without.json()["detail"]
+
+
+async def test_cors_lets_the_configured_origin_in_and_no_other(gateway):
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+        preflight = await http.options("/workflows", headers={
+            "Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization"})
+        allowed = await http.get("/workflows", headers={**AUTH, "Origin": ALLOWED_ORIGIN})
+        other = await http.get("/workflows", headers={**AUTH, "Origin": "http://elsewhere"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "access-control-allow-origin" not in other.headers
 
 
 async def test_unknown_workflow_and_handler_are_404(http):

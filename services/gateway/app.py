@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from conveyor import Client, PublishFailed, QueryFailed
@@ -60,6 +61,10 @@ def create_app(settings: GatewaySettings, client: Client | None = None) -> FastA
                   "tasks: a handler is a task, a workflow is a service.")
     if settings.gateway_token is not None:
         app.middleware("http")(_bearer_check(settings.gateway_token.get_secret_value()))
+    if origins := [o.strip() for o in settings.gateway_cors_origins.split(",") if o.strip()]:
+        # Added last, so it runs first: a preflight is answered before the token is asked.
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
+                           allow_headers=["*"])
     _add_error_handlers(app)
     _add_workflow_routes(app)
     _add_handler_routes(app)

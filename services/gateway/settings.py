@@ -8,6 +8,9 @@ from ..settings import Settings
 class GatewaySettings(Settings):
     gateway_host: str = Field(default="127.0.0.1", description="the address to listen on")
     gateway_port: int = Field(default=8080, ge=0, le=65535, description="the port to listen on")
+    gateway_cors_origins: str = Field(
+        default="", description="origins (comma-separated, or *) a browser page may call "
+        "the gateway from; none when empty")
     gateway_token: SecretStr | None = Field(
         default=None, description="when set, every route but /health demands "
         "`Authorization: Bearer <token>`")
