@@ -100,7 +100,10 @@ async def _until_registered(url: str, namespace: str, names: list[str]) -> None:
     """Return once every service has a live instance, so the first task finds it."""
     async with Client(url, namespace) as client, asyncio.timeout(READY_SECONDS):
         while True:
-            found = await client.list_services()
+            try:
+                found = await client.list_services()
+            except TimeoutError:  # the control plane is still starting: ask again
+                continue
             alive = {s["name"] for s in found if any(i["alive"] for i in s["instances"])}
             if set(names) <= alive:
                 return
