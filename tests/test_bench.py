@@ -1,0 +1,49 @@
+"""`tools/bench --quick` in the suite: every figure is produced on both brokers and no task
+is lost. No timing is asserted: the figures are for reading, not for passing."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKERS = ["rabbit", "kafka"]
+PARTS = ["control-plane", "orchestrator", "service", "broker"]
+# The issue's points (a) to (f), figure by figure.
+FIGURES = [
+    "hop_p50", "hop_p99", "workflow_p50", "workflow_p99", "physical_path",
+    "client_p50", "client_p95", "client_p99", "raw_p50", "raw_p95", "raw_p99",
+    "client_ratio", "raw_ratio",
+    "in_flight_tps", "queued_tps",
+    *[f"{load}_cpu_{part}" for load in ("in_flight", "queued") for part in [*PARTS, "client"]],
+    "up_to_first_task",
+    *[f"rss_{state}_{part}" for state in ("idle", "load") for part in PARTS],
+    "resume_after_kill9",
+]
+
+
+@pytest.mark.rabbit
+@pytest.mark.kafka
+@pytest.mark.timeout(960)
+def test_bench_quick_produces_every_figure_for_both_brokers_and_loses_no_task(rabbit_url,
+                                                                             tmp_path):
+    path = tmp_path / "bench.json"
+    run = subprocess.run([str(ROOT / "tools" / "bench"), "--quick", "--json", str(path)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    report = json.loads(path.read_text())
+    figures = report["figures"]
+    missing = [f"{name} on {broker}" for name in FIGURES for broker in BROKERS
+               if not isinstance(figures.get(name, {}).get(broker, {}).get("median"),
+                                 int | float)]
+    assert missing == []
+    assert all(set(figures[name][broker]) >= {"median", "min", "max", "unit"}
+               for name in FIGURES for broker in BROKERS)
+    assert report["hops_on_critical_path"] == 4
+    assert report["recovery_heartbeat_timeout"] > 0
+    assert {broker: report["tasks"][broker]["lost"] for broker in BROKERS} == \
+        {"rabbit": 0, "kafka": 0}
+    assert all(report["tasks"][broker]["submitted"] > 0 for broker in BROKERS)
+    assert report["lost"] == 0
+    assert "RabbitMQ" in run.stdout and "Kafka" in run.stdout  # the table, side by side

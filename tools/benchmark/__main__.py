@@ -1,0 +1,92 @@
+"""`tools/bench [--quick] [--json PATH]`: Conveyor on RabbitMQ and on Kafka (a tansu broker
+started here), beside the floor each broker sets, in one run.
+
+Exits 1 when a figure could not be produced or a task was lost.
+"""
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import uvloop
+from rich.console import Console
+
+from conveyor import embedded_broker
+
+from .floor import HOPS, HOPS_WHY
+from .report import BROKERS, Results
+from .run import FULL, HEARTBEAT, QUICK, bench_broker
+
+RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tools/bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run (the test suite's): 2 repetitions, hundreds of tasks")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--repetitions", type=int, help="override the number of repetitions")
+    parser.add_argument("--broker", choices=list(BROKERS), action="append",
+                        help="only this broker (repeatable); default both")
+    parser.add_argument("--rabbit-url", default=RABBIT_URL)
+    return parser.parse_args()
+
+
+async def run_all(brokers: list[str], args: argparse.Namespace, results: Results,
+                  workdir: Path, say: Console) -> None:
+    sizes = QUICK if args.quick else FULL
+    if args.repetitions:
+        sizes = type(sizes)(**{**sizes.as_dict(), "repetitions": args.repetitions})
+    results.repetitions = sizes.repetitions
+    results.sizes = sizes.as_dict()
+    for broker in brokers:
+        tansu = None
+        try:
+            if broker == "rabbit":
+                url = args.rabbit_url
+            else:
+                tansu, url = embedded_broker.start(log_path=str(workdir / "tansu.log"))
+            await bench_broker(broker, url, tansu, sizes, results, workdir / broker, say)
+        except Exception as exc:
+            results.errors[broker] = f"{type(exc).__name__}: {exc}"
+            say.print_exception()
+        finally:
+            if tansu is not None:
+                tansu.kill()
+                tansu.wait()
+
+
+def main() -> int:
+    args = arguments()
+    brokers = args.broker or list(BROKERS)
+    say = Console(stderr=True, log_path=False)
+    results = Results(mode="quick" if args.quick else "full", repetitions=0, sizes={})
+    results.meta = {"hops_on_critical_path": HOPS, "hops_why": HOPS_WHY,
+                    "recovery_heartbeat_interval": float(HEARTBEAT["CONVEYOR_HEARTBEAT_INTERVAL"]),
+                    "recovery_heartbeat_timeout": float(HEARTBEAT["CONVEYOR_HEARTBEAT_TIMEOUT"])}
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+    uvloop.run(run_all(brokers, args, results, workdir, say))
+    table = Console()
+    if not table.is_terminal:
+        table = Console(width=130)  # a file or a pipe: keep one figure a line
+    results.print(brokers, table)
+    if args.json:
+        results.write(args.json)
+    missing = results.missing(brokers)
+    lost = sum(t["lost"] for t in results.tasks.values())
+    if missing:
+        say.print(f"[red]not measured: {', '.join(missing)}[/]")
+    if lost:
+        say.print(f"[red]{lost} tasks lost[/]")
+    if missing or lost or results.errors:
+        say.print(f"logs kept in {workdir}")
+        return 1
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

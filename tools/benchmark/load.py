@@ -1,0 +1,73 @@
+"""Throughput: tasks per second with many in flight and with a deep backlog, and what each
+process (the broker's too) spent on them in CPU seconds per 1,000 tasks."""
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from conveyor import Client
+
+from .parts import cpu_seconds
+from .stats import Tally
+
+
+@dataclass
+class Load:
+    tasks_per_second: float
+    cpu_per_1000: dict[str, float]  # process -> CPU seconds per 1,000 tasks
+
+
+async def _outcome(client: Client, task_id: str, timeout: float, tally: Tally) -> None:
+    try:
+        outcome = await client.wait(task_id, timeout=timeout)
+    except TimeoutError:
+        return
+    if outcome.status == "completed":
+        tally.completed += 1
+
+
+async def in_flight(client: Client, processes: dict[str, psutil.Process], total: int,
+                    width: int, tally: Tally, timeout: float) -> Load:
+    """`total` echo tasks, kept `width` at a time in flight (each finished one makes room
+    for the next)."""
+    counter = iter(range(total))
+
+    async def lane() -> None:
+        for n in counter:
+            tally.submitted += 1
+            task_id = await client.run_nowait("echo", n=n)
+            await _outcome(client, task_id, timeout, tally)
+
+    async def all_lanes() -> None:
+        await asyncio.gather(*(lane() for _ in range(width)))
+
+    return await _measured(all_lanes, processes, total)
+
+
+async def queued(client: Client, processes: dict[str, psutil.Process], total: int,
+                 tally: Tally, timeout: float) -> Load:
+    """`total` echo tasks published as fast as the broker confirms them, then drained:
+    from the first publish to the last outcome."""
+
+    async def publish_all() -> None:
+        waits = []
+        for first in range(0, total, 500):
+            batch = range(first, min(first + 500, total))
+            ids = await asyncio.gather(*(client.run_nowait("echo", n=n) for n in batch))
+            tally.submitted += len(ids)
+            waits += [asyncio.ensure_future(_outcome(client, i, timeout, tally)) for i in ids]
+        await asyncio.gather(*waits)
+
+    return await _measured(publish_all, processes, total)
+
+
+async def _measured(work, processes: dict[str, psutil.Process], tasks: int) -> Load:
+    before = cpu_seconds(processes)
+    started = time.perf_counter()
+    await work()
+    seconds = time.perf_counter() - started
+    after = cpu_seconds(processes)
+    return Load(tasks / seconds,
+                {name: (after[name] - before[name]) / tasks * 1000 for name in processes})

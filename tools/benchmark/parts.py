@@ -1,0 +1,176 @@
+"""Conveyor's parts as the processes a user starts, and what they cost: CPU seconds and RSS
+read with psutil, for each part and for the broker itself."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import psutil
+
+from conveyor import Client, TaskFailed
+from conveyor.services.bus import SYSTEM_SUBSCRIPTIONS, group_name
+from conveyor.services.settings import load
+
+TOOLS = Path(__file__).resolve().parent.parent
+ECHO = "conveyor.services.examples.echo:workflow"
+RESUMABLE = "benchmark.workflows:resumable"
+
+
+def fresh_namespace() -> str:
+    return f"bench{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class Deployment:
+    """Control plane, orchestrator and workflow services on one broker, in a namespace and a
+    SQLite state store of their own."""
+
+    broker_url: str
+    workdir: Path
+    overrides: dict[str, str] = field(default_factory=dict)  # more environment for each part
+    namespace: str = field(default_factory=fresh_namespace)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CONVEYOR_BROKER_URL": self.broker_url,
+            "CONVEYOR_NAMESPACE": self.namespace,
+            "CONVEYOR_STATE_URL": f"sqlite:///{self.workdir / 'state.db'}",
+            "PYTHONPATH": os.pathsep.join([str(TOOLS), os.environ.get("PYTHONPATH", "")]),
+            **self.overrides,
+        }
+
+    def start(self, part: str, *args: str) -> None:
+        with (self.workdir / f"{part}.log").open("ab") as log:
+            self.processes[part] = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", *args], env=self.env, cwd=self.workdir,
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def start_core(self) -> None:
+        self.start("control-plane", "control-plane")
+        self.start("orchestrator", "orchestrator")
+
+    def serve(self, part: str, workflow: str, name: str) -> None:
+        self.start(part, "serve", workflow, "--name", name)
+
+    def kill(self, pid: int) -> None:
+        """kill -9 of the part with this pid."""
+        part = next(p for p, process in self.processes.items() if process.pid == pid)
+        process = self.processes.pop(part)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def check_running(self) -> None:
+        gone = [part for part, process in self.processes.items() if process.poll() is not None]
+        if gone:
+            raise RuntimeError(f"{', '.join(gone)} exited; see the logs in {self.workdir}")
+
+    def stop(self) -> None:
+        stop_all(list(self.processes.values()))
+        self.processes.clear()
+
+    def client(self) -> Client:
+        return Client(self.broker_url, self.namespace)
+
+    async def ready(self, client: Client, service: str, timeout: float = 120, **input) -> None:
+        """Until the parts have joined the broker a task may go nowhere: try until one runs."""
+        async with asyncio.timeout(timeout):
+            while True:
+                self.check_running()
+                try:
+                    await client.run(service, timeout=5, **input)
+                    return
+                except TimeoutError:
+                    continue
+                except TaskFailed as exc:
+                    if exc.error is None or exc.error.type != "UnknownService":
+                        raise
+                    await asyncio.sleep(0.3)
+
+
+def stop_all(processes: list[subprocess.Popen], signum: int = signal.SIGTERM) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signum)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def forget_namespace(broker_url: str, namespace: str, services: list[str]) -> None:
+    """Delete a namespace's durable queues and exchange from RabbitMQ (Kafka's topics go
+    with the in-memory tansu)."""
+    if not broker_url.startswith("amqp"):
+        return
+    settings = load(broker_url=broker_url, namespace=namespace)
+    names = [group_name(settings, kind, part) for kind, part in SYSTEM_SUBSCRIPTIONS]
+    names += [f"{namespace}.{service}" for service in services]
+    try:
+        connection = await aio_pika.connect(broker_url, timeout=5)
+    except Exception:  # nothing to tidy if RabbitMQ is gone
+        return
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+        await channel.exchange_delete(namespace)
+
+
+def broker_process(broker_url: str, tansu: subprocess.Popen | None) -> psutil.Process:
+    """RabbitMQ's Erlang VM (beam.smp), or the tansu this run started."""
+    if tansu is not None and not broker_url.startswith("amqp"):
+        return psutil.Process(tansu.pid)
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] == "beam.smp":
+            return process
+    raise RuntimeError("no beam.smp process: is RabbitMQ running on this machine?")
+
+
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    times = {}
+    for name, process in processes.items():
+        spent = process.cpu_times()
+        times[name] = spent.user + spent.system
+    return times
+
+
+def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    return {name: process.memory_info().rss / 2**20 for name, process in processes.items()}
+
+
+class PeakRss:
+    """The highest RSS of each process while the block runs, sampled every 0.2 s."""
+
+    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+        self.processes = processes
+        self.peak = dict.fromkeys(processes, 0.0)
+        self._sampler: asyncio.Task | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            for name, value in rss_mb(self.processes).items():
+                self.peak[name] = max(self.peak[name], value)
+            await asyncio.sleep(0.2)
+
+    async def __aenter__(self) -> "PeakRss":
+        self._sampler = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._sampler is not None
+        self._sampler.cancel()
+        await asyncio.gather(self._sampler, return_exceptions=True)
+        for name, value in rss_mb(self.processes).items():
+            self.peak[name] = max(self.peak[name], value)

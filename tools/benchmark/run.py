@@ -1,0 +1,151 @@
+"""One broker's part of a benchmark run: the floor; a deployment (control plane,
+orchestrator, one echo service, default settings) for latency, throughput and memory; a
+second one with two replicas of a service and short heartbeats for recovery; and last
+`conveyor up` from nothing."""
+
+import asyncio
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+
+from .floor import HOPS, bare_hop, workflow_run
+from .latency import raw_publisher, via_client, via_raw_json
+from .load import in_flight, queued
+from .parts import ECHO, Deployment, PeakRss, broker_process, forget_namespace, rss_mb
+from .recovery import SERVICE as RESUMABLE_SERVICE
+from .recovery import resume_after_kill9
+from .report import Results
+from .startup import up_to_first_task
+from .stats import Tally, percentile
+
+# The recovery deployment's heartbeats. Only there: under load, a timeout this short has
+# workers that are merely busy taken for silent (see README "Benchmark").
+HEARTBEAT = {"CONVEYOR_HEARTBEAT_INTERVAL": "0.5", "CONVEYOR_HEARTBEAT_TIMEOUT": "3"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repetitions: int
+    hops: int  # bare hops per repetition
+    workflow_runs: int  # bare in-process runs per repetition
+    sequential: int  # tasks timed one after another, per path (Client, raw JSON)
+    in_flight: int  # tasks kept in flight at once...
+    in_flight_tasks: int  # ...until this many have run
+    queued: int  # tasks published before any is awaited
+    task_timeout: float  # seconds an outcome may take under load before it counts as lost
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+QUICK = Sizes(repetitions=2, hops=30, workflow_runs=30, sequential=20, in_flight=50,
+              in_flight_tasks=100, queued=100, task_timeout=120)
+FULL = Sizes(repetitions=5, hops=500, workflow_runs=500, sequential=300, in_flight=1000,
+             in_flight_tasks=3000, queued=10_000, task_timeout=900)
+
+
+async def bench_broker(broker: str, url: str, tansu, sizes: Sizes, results: Results,
+                       workdir: Path, say: Console) -> None:
+    tally = Tally()
+    try:
+        deployment = Deployment(url, workdir / "deployment")
+        deployment.workdir.mkdir(parents=True)
+        say.log(f"{broker}: the floor (bare hop, bare workflow run)")
+        paths = await _floor(broker, url, deployment.namespace, sizes, results)
+        say.log(f"{broker}: a deployment: latency, throughput, memory")
+        await _deployment(broker, deployment, tansu, sizes, results, paths, tally, say)
+        say.log(f"{broker}: two replicas: kill -9 of the one holding a task")
+        replicas = Deployment(url, workdir / "recovery", HEARTBEAT)
+        replicas.workdir.mkdir()
+        await _recovery(broker, replicas, sizes, results, tally, say)
+        for rep in range(sizes.repetitions):
+            say.log(f"{broker}: conveyor up to the first task ({rep + 1})")
+            up_dir = workdir / f"up-{rep}"
+            up_dir.mkdir()
+            results.add("up_to_first_task", broker, await up_to_first_task(url, up_dir))
+    finally:
+        results.tasks[broker] = {"submitted": tally.submitted, "completed": tally.completed,
+                                 "lost": tally.lost}
+
+
+async def _floor(broker: str, url: str, namespace: str, sizes: Sizes,
+                 results: Results) -> list[float]:
+    """Each repetition's floor; returns its physical path in ms."""
+    paths = []
+    async with bare_hop(url, namespace) as hop:
+        for _ in range(sizes.repetitions):
+            hops = [await hop() for _ in range(sizes.hops)]
+            runs = [await workflow_run() for _ in range(sizes.workflow_runs)]
+            paths.append(HOPS * percentile(hops, 50) + percentile(runs, 50))
+            results.add("hop_p50", broker, percentile(hops, 50))
+            results.add("hop_p99", broker, percentile(hops, 99))
+            results.add("workflow_p50", broker, percentile(runs, 50))
+            results.add("workflow_p99", broker, percentile(runs, 99))
+            results.add("physical_path", broker, paths[-1])
+    return paths
+
+
+async def _deployment(broker: str, deployment: Deployment, tansu, sizes: Sizes,
+                      results: Results, paths: list[float], tally: Tally, say: Console) -> None:
+    deployment.start_core()
+    deployment.serve("service", ECHO, "echo")
+    try:
+        async with deployment.client() as client, \
+                raw_publisher(deployment.broker_url, deployment.namespace) as raw:
+            await deployment.ready(client, "echo")
+            await via_raw_json(raw, 1, tally)  # the reply topic's first message
+            processes = {part: psutil.Process(deployment.processes[part].pid)
+                         for part in ("control-plane", "orchestrator", "service")}
+            processes["broker"] = broker_process(deployment.broker_url, tansu)
+            with_client = {**processes, "client": psutil.Process()}
+            for rep in range(sizes.repetitions):
+                await asyncio.sleep(1.0)  # idle: nothing in flight
+                for part, mb in rss_mb(processes).items():
+                    results.add(f"rss_idle_{part}", broker, mb)
+                _latency(broker, "client", await via_client(client, sizes.sequential, tally),
+                         paths[rep], results)
+                _latency(broker, "raw", await via_raw_json(raw, sizes.sequential, tally),
+                         paths[rep], results)
+                async with PeakRss(processes) as peak:
+                    many = await in_flight(client, with_client, sizes.in_flight_tasks,
+                                           sizes.in_flight, tally, sizes.task_timeout)
+                    backlog = await queued(client, with_client, sizes.queued, tally,
+                                           sizes.task_timeout)
+                for name, load in (("in_flight", many), ("queued", backlog)):
+                    results.add(f"{name}_tps", broker, load.tasks_per_second)
+                    for part, seconds in load.cpu_per_1000.items():
+                        results.add(f"{name}_cpu_{part}", broker, seconds)
+                for part, mb in peak.peak.items():
+                    results.add(f"rss_load_{part}", broker, mb)
+                say.log(f"{broker}: repetition {rep + 1}: {many.tasks_per_second:.0f} "
+                          f"and {backlog.tasks_per_second:.0f} tasks/s")
+    finally:
+        await asyncio.to_thread(deployment.stop)
+        await forget_namespace(deployment.broker_url, deployment.namespace, ["echo"])
+
+
+async def _recovery(broker: str, deployment: Deployment, sizes: Sizes, results: Results,
+                    tally: Tally, say: Console) -> None:
+    deployment.start_core()
+    try:
+        async with deployment.client() as client:
+            for rep in range(sizes.repetitions):
+                log = deployment.workdir / f"resume-{rep}.log"
+                seconds = await resume_after_kill9(deployment, client, log, tally)
+                results.add("resume_after_kill9", broker, seconds)
+                say.log(f"{broker}: attempt 2 started {seconds:.1f} s after the kill -9")
+    finally:
+        await asyncio.to_thread(deployment.stop)
+        await forget_namespace(deployment.broker_url, deployment.namespace,
+                               [RESUMABLE_SERVICE])
+
+
+def _latency(broker: str, path: str, times: list[float], physical: float,
+             results: Results) -> None:
+    if not times:
+        return  # every task was lost; the tally says so
+    for q in (50, 95, 99):
+        results.add(f"{path}_p{q}", broker, percentile(times, q))
+    results.add(f"{path}_ratio", broker, percentile(times, 50) / physical)
