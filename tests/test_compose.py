@@ -151,3 +151,36 @@ def test_each_part_environment_is_valid_configuration(name, monkeypatch):
     for url in (settings.broker_url, settings.state_url):
         host = urlsplit(url).hostname
         assert host in everything, f"{name}: {url} names host {host!r}, not a compose service"
+
+
+# The kafka profile
+
+def test_rabbitmq_is_the_default_profile_and_kafka_profile_swaps_the_broker():
+    dotenv = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert dotenv["COMPOSE_PROFILES"] == "rabbitmq"
+    everything = compose()["services"]
+    assert everything["rabbitmq"]["profiles"] == ["rabbitmq"]
+    assert everything["kafka"]["profiles"] == ["kafka"]
+    assert "healthcheck" in everything["kafka"]
+    for name, spec in conveyor_services().items():
+        assert spec["profiles"] in (["rabbitmq"], ["kafka"]), f"{name}: {spec['profiles']}"
+    # Shared by both: the state store and Jaeger.
+    assert "profiles" not in everything["postgres"] and "profiles" not in everything["jaeger"]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))
+def test_each_part_has_a_kafka_twin_with_the_same_command_on_kafka(name, monkeypatch):
+    everything = compose()["services"]
+    rabbit, kafka = everything[name], everything[f"{name}-kafka"]
+    assert kafka["profiles"] == ["kafka"] and rabbit["profiles"] == ["rabbitmq"]
+    assert command_words(kafka) == command_words(rabbit)
+    assert kafka["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert kafka["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "rabbitmq" not in kafka["depends_on"]
+    for key, value in environment(kafka).items():
+        monkeypatch.setenv(key, value)
+    settings = load(RuntimeSettings)
+    assert settings.broker_kind == "kafka"
+    assert {urlsplit(f"//{server}").hostname for server in settings.kafka_servers} <= set(
+        everything)
