@@ -235,6 +235,7 @@ QueryKind = Literal[
     "get_counters",
     "get_checkpoint",
     "pending_work",
+    "get_metrics",
 ]
 
 

@@ -113,6 +113,7 @@ def gateway(
     import uvicorn
 
     from conveyor.services.gateway.app import create_app
+    from conveyor.services.gateway.metrics import broker_middleware
     from conveyor.services.gateway.settings import GatewaySettings
 
     overrides = {"gateway_host": host, "gateway_port": port}
@@ -126,7 +127,8 @@ def gateway(
     async def run() -> None:
         from conveyor.client import Client
 
-        client = Client(settings=settings, publisher_id="gateway")
+        client = Client(settings=settings, publisher_id="gateway",
+                        middlewares=(broker_middleware(settings),))
         try:
             await client.start()
         except Exception:

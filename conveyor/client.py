@@ -121,9 +121,11 @@ class Client:
         query_timeout: float = 30.0,
         settings: Settings | None = None,
         broker: Broker | None = None,
+        middlewares: tuple = (),
     ) -> None:
         """With `broker`, the client rides on a broker connection its owner starts and stops
-        (a workflow service's, for nested workflows); otherwise it makes its own."""
+        (a workflow service's, for nested workflows); otherwise it makes its own, with
+        `middlewares` (FastStream broker middlewares) added."""
         overrides = {"broker_url": broker_url, "namespace": namespace}
         self.settings: Settings = settings or load(
             **{k: v for k, v in overrides.items() if v is not None}
@@ -133,7 +135,8 @@ class Client:
         self._id = new_id()[:12]
         self._reply_to = reply_topic(self.settings.namespace, self._id)
         self._owns_broker = broker is None
-        self._broker = broker or create_broker(self.settings, "client", always_trace=True)
+        self._broker = broker or create_broker(self.settings, "client", always_trace=True,
+                                               middlewares=middlewares)
         self._waiting: dict[str, asyncio.Future] = {}
         self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()
         self._answers: dict[str, asyncio.Future] = {}
@@ -396,6 +399,11 @@ class Client:
         """The task's last checkpoint: attempt, steps taken, size, when; None if none yet."""
         return await self._ask(Query(kind="get_checkpoint", task_id=task_id,
                                      reply_to=self._reply_to))
+
+    async def deployment_metrics(self) -> dict[str, Any]:
+        """Deployment-wide figures: tasks by service and status, retries, task durations
+        (histogram buckets) and the counters; what the gateway's /metrics serves."""
+        return await self._ask(Query(kind="get_metrics", reply_to=self._reply_to))
 
     async def counters(self) -> dict[str, int]:
         """Deployment-wide counts: stale attempts rejected, tasks recovered, ..."""

@@ -46,14 +46,16 @@ _quiet = logging.getLogger("conveyor.broker")
 _quiet.setLevel(logging.WARNING)
 
 
-def create_broker(settings: Settings, part: str, *, always_trace: bool = False) -> Broker:
+def create_broker(settings: Settings, part: str, *, always_trace: bool = False,
+                  middlewares: tuple = ()) -> Broker:
     """The FastStream broker for CONVEYOR_BROKER_URL, with every durability setting on,
-    tracing the messages of `part` (see telemetry)."""
+    tracing the messages of `part` (see telemetry), and `middlewares` besides."""
     url = settings.require_broker_url()
     common: dict[str, Any] = {
         "logger": _quiet,
         "log_level": logging.DEBUG,
-        "middlewares": telemetry.middlewares(settings, part, always=always_trace),
+        "middlewares": (*telemetry.middlewares(settings, part, always=always_trace),
+                        *middlewares),
         "graceful_timeout": 15.0,
     }
     if settings.broker_kind == "rabbit":

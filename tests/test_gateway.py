@@ -9,6 +9,7 @@ import sys
 import httpx
 import pytest
 from llama_agents.client import WorkflowClient
+from prometheus_client.parser import text_string_to_metric_families
 from workflows.events import HumanResponseEvent, StartEvent
 
 from .deployment import Deployment, eventually, serving
@@ -290,6 +291,25 @@ async def test_malformed_requests_get_a_4xx_that_names_the_problem(http):
     assert bad_sequence.status_code == 422 and "after_sequence" in bad_sequence.text
 
 
+async def test_metrics_serve_the_deployment_and_broker_figures_as_prometheus_text(
+    client, http,
+):
+    await client.run_workflow("echo", start_event=StartEvent(n=1))
+    answer = await http.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(answer.text)}
+    completed = [s for s in families["conveyor_tasks"].samples
+                 if s.labels == {"service": "echo", "status": "completed"}]
+    assert completed and completed[0].value >= 1
+    durations = {s.name: s for s in families["conveyor_task_duration_seconds"].samples
+                 if s.labels.get("le") in (None, "+Inf") and s.labels["service"] == "echo"}
+    assert durations["conveyor_task_duration_seconds_count"].value >= 1
+    assert {"conveyor_queue_depth", "conveyor_task_retries", "conveyor_tasks_recovered",
+            "conveyor_stale_attempts_rejected"} <= set(families)
+    assert any(name.startswith("faststream_") for name in families)  # the gateway's broker
+
+
 async def test_openapi_describes_every_route(http):
     paths = (await http.get("/openapi.json")).json()["paths"]
 
@@ -297,6 +317,6 @@ async def test_openapi_describes_every_route(http):
         "/health": {"get"}, "/workflows": {"get"}, "/workflows/{name}/schema": {"get"},
         "/workflows/{name}/events": {"get"}, "/workflows/{name}/representation": {"get"},
         "/workflows/{name}/run": {"post"}, "/workflows/{name}/run-nowait": {"post"},
-        "/events/{handler_id}": {"get", "post"}, "/handlers": {"get"},
+        "/events/{handler_id}": {"get", "post"}, "/handlers": {"get"}, "/metrics": {"get"},
         "/handlers/{handler_id}": {"get"}, "/handlers/{handler_id}/cancel": {"post"},
     } == {path: set(methods) for path, methods in paths.items()}

@@ -28,7 +28,7 @@ from conveyor.contracts import (
     TaskStream,
 )
 from conveyor.services import database
-from conveyor.services.control_plane import state
+from conveyor.services.control_plane import metrics, state
 from conveyor.services.orchestrator import state as orchestrator_state
 
 # Where the throwaway databases are created; an existing database to connect to first.
@@ -607,3 +607,23 @@ async def test_an_outcome_racing_a_watch_tells_the_watcher(engine):
     )
     assert found is None
     assert told == [{"reply_to": "replies", "request_id": "req-1", "kind": "outcome"}]
+
+
+async def test_metrics_count_tasks_retries_and_bucket_durations(engine):
+    async with engine.begin() as conn:
+        for task_id, service, attempts, seconds in (("a", "echo", 1, 0.02), ("b", "echo", 3, 7),
+                                                    ("c", "slow", 1, None)):
+            created = database.now() - timedelta(seconds=100)
+            await conn.execute(database.tasks.insert().values(
+                task_id=task_id, service=service, status="completed" if seconds else "queued",
+                attempts=attempts, created_at=created,
+                finished_at=created + timedelta(seconds=seconds) if seconds else None))
+        found = await metrics.read(conn)
+    assert sorted((t["service"], t["status"], t["count"]) for t in found["tasks"]) == [
+        ("echo", "completed", 2), ("slow", "queued", 1)]
+    assert found["retries"] == {"echo": 2}
+    echo = found["durations"]["echo"]
+    assert echo["count"] == 2 and abs(echo["sum"] - 7.02) < 0.01
+    bounds = found["bucket_bounds"]
+    assert echo["buckets"] == [(0.02 <= b) + (7 <= b) for b in bounds]
+    assert "slow" not in found["durations"]

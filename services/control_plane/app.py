@@ -45,7 +45,7 @@ from .. import checkpoints, counters, database, sessions, telemetry
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
-from . import cleanup, state
+from . import cleanup, metrics, state
 
 log = logging.getLogger("conveyor.control_plane")
 
@@ -275,6 +275,8 @@ async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage
                 return await state.pending_work(conn), False
             case "get_counters":
                 return await counters.read(conn), False
+            case "get_metrics":
+                return await metrics.read(conn), False
             case "create_session":
                 return await sessions.create(conn, query.session_id), False
             case "get_session":

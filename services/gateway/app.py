@@ -14,10 +14,11 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from conveyor import Client, PublishFailed, QueryFailed
 
-from . import events
+from . import events, metrics
 from .protocol import (
     CONVEYOR_STATUSES,
     FINISHED,
@@ -52,7 +53,8 @@ def create_app(settings: GatewaySettings, client: Client | None = None) -> FastA
             app.state.client = client
             yield
             return
-        async with Client(settings=settings, publisher_id="gateway") as own:
+        async with Client(settings=settings, publisher_id="gateway",
+                          middlewares=(metrics.broker_middleware(settings),)) as own:
             app.state.client = own
             yield
 
@@ -139,6 +141,15 @@ def _add_workflow_routes(app: FastAPI) -> None:
     async def health() -> HealthResponse:
         """Unauthenticated; says the gateway is up, not that every service is."""
         return HealthResponse(status="healthy")
+
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}})
+    async def prometheus(client: ClientDep) -> Response:
+        """Tasks by service and status, queue depth, retries, task durations, recoveries,
+        stale-attempt rejections (from the control plane) and this gateway's broker figures
+        (FastStream's Prometheus middleware)."""
+        figures = await client.deployment_metrics()
+        return Response(metrics.render(figures), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/workflows")
     async def list_workflows(client: ClientDep) -> WorkflowsListResponse:
