@@ -85,11 +85,12 @@ def test_children_die_with_conveyor_up_even_on_kill9(tmp_path):
     try:
         deadline = time.monotonic() + 30
         children: list[int] = []
-        while len(children) < 3 + len(EXAMPLES) and time.monotonic() < deadline:
+        # the embedded broker, control plane, orchestrator, gateway and the examples
+        while len(children) < 4 + len(EXAMPLES) and time.monotonic() < deadline:
             time.sleep(0.2)
             children = [int(p) for p in subprocess.run(
                 ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
-        assert len(children) == 3 + len(EXAMPLES)
+        assert len(children) == 4 + len(EXAMPLES)
     finally:
         up.kill()
         up.wait()
