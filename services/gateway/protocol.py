@@ -105,19 +105,26 @@ class BadRequest(ValueError):
     """A request the gateway can read but not act on; the message says why."""
 
 
+def _json_object(value: Any, field: str) -> dict[str, Any]:
+    """A request field given as a JSON object, or as a string holding one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"'{field}' is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"'{field}' must be a JSON object")
+    return value
+
+
 def start_fields(request: RunRequest) -> dict[str, Any]:
     """The start event's fields, which are a Conveyor task's input."""
     if request.context:
         raise BadRequest("restoring a serialized 'context' is not supported by the Conveyor "
                          "gateway; run in a session to share Context state between tasks")
-    data: Any = request.start_event if request.start_event is not None else request.kwargs or {}
-    if isinstance(data, str):
-        try:
-            data = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"'start_event' is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("'start_event' must be a JSON object")
+    data = _json_object(
+        request.start_event if request.start_event is not None else request.kwargs or {},
+        "start_event")
     if "value" in data and ("type" in data or "qualified_name" in data):
         data = data["value"] if data["value"] is not None else {}
         if not isinstance(data, dict):
@@ -136,13 +143,7 @@ def start_fields(request: RunRequest) -> dict[str, Any]:
 
 def event_to_send(event: dict[str, Any] | str) -> dict[str, Any]:
     """The envelope {"type", "qualified_name", "value"} of an event a client sends in."""
-    if isinstance(event, str):
-        try:
-            event = json.loads(event)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(f"'event' is not JSON: {exc}") from None
-    if not isinstance(event, dict):
-        raise BadRequest("'event' must be a JSON object")
+    event = _json_object(event, "event")
     qualified_name = event.get("qualified_name")
     kind = event.get("type") or (qualified_name.rsplit(".", 1)[-1]
                                  if isinstance(qualified_name, str) else None)
