@@ -253,15 +253,16 @@ async def connect(state_url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
-    for attempt in range(3):
+    for attempt in range(5):
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(metadata.create_all)
             return engine
         except Exception as exc:
-            # Parts starting together race to create the tables; the loser tries again.
-            if attempt < 2 and "already exists" in str(exc):
-                await asyncio.sleep(0.2)
+            # Parts starting together race to create the tables (on SQLite, one may find the
+            # file locked by another's for longer than its busy timeout): try again.
+            if attempt < 4 and ("already exists" in str(exc) or "database is locked" in str(exc)):
+                await asyncio.sleep(0.2 * 2 ** attempt)
                 continue
             await engine.dispose()
             raise ConfigurationError(
