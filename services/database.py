@@ -21,6 +21,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     event,
+    func,
+    select,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -120,6 +122,8 @@ services = Table(
     Column("event_types", JSON),
     # start_schema, stop_schema, event_schemas, graph: what the gateway serves.
     Column("described", JSON),
+    # Tasks of the service that may run at once across its replicas; NULL: no limit.
+    Column("max_concurrent_tasks", Integer),
     Column("registered_at", UTCDateTime(), nullable=False),
     Column("last_seen", UTCDateTime(), nullable=False),
 )
@@ -159,7 +163,8 @@ dispatches = Table(
     Column("attempt", Integer, nullable=False),
     Column("parent_task_id", String(200), index=True),
     Column("session_id", String(200), index=True),
-    # Held back until the task before it in its session ends: one runs per session at once.
+    # Held back until the task before it in its session ends (one runs per session at once)
+    # or until its service, at its limit of open tasks, has room.
     Column("held", Boolean, nullable=False, default=False),
     Column("finished", Boolean, nullable=False, default=False),
     Column("cancelled", Boolean, nullable=False, default=False),
@@ -172,6 +177,8 @@ dispatches = Table(
     Column("instance_id", String(200)),
     Column("started_at", UTCDateTime()),
     Column("heartbeat_at", UTCDateTime(), index=True),
+    # Set once the attempt's worker has published its outcome: its lease is no longer watched.
+    Column("reported_at", UTCDateTime()),
 )
 
 attempt_errors = Table(
@@ -246,6 +253,9 @@ def _sqlite_begin(connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+CREATE_LOCK = 0x636F6E63  # "conc": the advisory lock of creating the tables
+
+
 async def connect(state_url: str) -> AsyncEngine:
     """Open the state store and create its tables; fails with one line if it can't."""
     url = async_url(state_url)
@@ -256,6 +266,9 @@ async def connect(state_url: str) -> AsyncEngine:
     for attempt in range(5):
         try:
             async with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # Parts starting together take turns: one creates, the others find.
+                    await conn.execute(select(func.pg_advisory_xact_lock(CREATE_LOCK)))
                 await conn.run_sync(metadata.create_all)
             return engine
         except Exception as exc:

@@ -11,9 +11,7 @@ from workflows import Context
 
 from conveyor.contracts import (
     EventEnvelope,
-    Heartbeat,
     RegisterService,
-    RunningTask,
     SendEvent,
     TaskStream,
 )
@@ -21,7 +19,7 @@ from conveyor.services import checkpoints, counters, database, sessions
 from conveyor.services.control_plane import cleanup, state
 from conveyor.services.examples.counter import workflow as counter
 from conveyor.services.orchestrator import state as orchestrator_state
-from conveyor.services.runtime.starting_point import release, starting_point
+from conveyor.services.runtime.starting_point import release, renew, starting_point
 
 from . import test_state
 from .test_state import count, new_task, outcome
@@ -486,9 +484,7 @@ async def test_a_silent_attempt_moves_to_the_next_and_a_renewed_one_does_not(eng
         await conn.execute(database.dispatches.update().values(
             heartbeat_at=database.now() - timedelta(seconds=60)).where(
             database.dispatches.c.started_at.is_not(None)))
-        await orchestrator_state.renew_leases(conn, Heartbeat(
-            service="echo", instance_id="i-1", running=[RunningTask(task_id="beating",
-                                                                    attempt=1)]))
+        await renew(conn, "i-1", {"beating": 1, "silent": 2})  # not its attempt of "silent"
     async with engine.begin() as conn:
         expired = await orchestrator_state.take_expired(conn, timeout=10)
         assert [(e["task"]["task_id"], e["attempt"]) for e in expired] == [("silent", 2)]

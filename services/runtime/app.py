@@ -55,7 +55,7 @@ from ..dead_letters import reject
 from ..settings import ConfigurationError, load
 from .described import describe_workflow
 from .settings import RuntimeSettings
-from .starting_point import StartingPoint, release, starting_point
+from .starting_point import StartingPoint, release, renew, reported, starting_point
 from .task_run import EventNotAccepted, TaskRun, accepted_events
 from .worker import describe, load_workflow
 
@@ -92,6 +92,15 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         await publish(broker, settings, message, to, key=key)
 
     async def run(dispatch: DispatchTask) -> None:
+        """Run an attempt, holding its lease (renewed by the heartbeats) until its outcome
+        is with the broker and marked reported, or until it lets go."""
+        running[dispatch.task.task_id] = dispatch.attempt
+        try:
+            await run_attempt(dispatch)
+        finally:
+            running.pop(dispatch.task.task_id, None)
+
+    async def run_attempt(dispatch: DispatchTask) -> None:
         task = dispatch.task
         index = 0
 
@@ -114,7 +123,6 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 await checkpoints.save(conn, key, task.task_id, dispatch.attempt, context,
                                        inbox_seq=inbox_seq, streamed=index)
 
-        running[task.task_id] = dispatch.attempt
         task_run = None
         try:
             start = await claim(dispatch)
@@ -172,7 +180,6 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 error.message += f" ({policy.why_not(dispatch.attempt, error.type)})"
             outcome.status, outcome.error = "failed", error
         finally:
-            running.pop(task.task_id, None)
             holding.pop(task.task_id, None)
             runs.pop(task.task_id, None)
         outcome.events = index
@@ -181,6 +188,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome),
             topic(ns, CONTROL_PLANE), task.task_id,
         )
+        # The outcome is durable now: its lease need not be watched while the orchestrator
+        # gets to it, however far behind it is.
+        async with engine.begin() as conn:
+            await reported(conn, task.task_id, dispatch.attempt, instance_id)
 
     async def claim(dispatch: DispatchTask) -> StartingPoint:
         """Claim the attempt. The orchestrator commits its dispatch just after the broker has
@@ -204,6 +215,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                                   attempt=dispatch.attempt, error=error, retry_in=delay)
         await emit(TaskStatusMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=change),
                    topic(ns, CONTROL_PLANE), task.task_id)
+        async with engine.begin() as conn:  # the orchestrator schedules the next attempt
+            await reported(conn, task.task_id, dispatch.attempt, instance_id)
 
     def deliver(task_run: TaskRun, seq: int, event, step: str | None) -> None:
         try:
@@ -294,8 +307,16 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         await asyncio.gather(*(runner for _, runner in handed_back), return_exceptions=True)
 
     async def beat_forever() -> None:
+        """Renew the leases of the tasks this instance holds, in the state store (so that
+        how late the orchestrator reads a heartbeat never costs a live worker its task), and
+        tell the control plane it is alive and what it runs."""
         while True:
             await asyncio.sleep(settings.heartbeat_interval)
+            try:
+                async with engine.begin() as conn:
+                    await renew(conn, instance_id, dict(running))
+            except Exception as exc:  # the next beat tries again, well within the timeout
+                log.warning("leases not renewed: %s", exc)
             beat = Heartbeat(
                 service=name, instance_id=instance_id,
                 running=[RunningTask(task_id=t, attempt=a) for t, a in running.items()],
@@ -312,6 +333,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         registration = RegisterService(
             service=name, instance_id=instance_id, host=socket.gethostname(), pid=os.getpid(),
             workflow=settings.workflow, event_types=sorted(accepted), **described,
+            max_concurrent_tasks=settings.service_max_concurrent_tasks,
         )
         await emit(RegisterServiceMessage(type=REGISTRY, publisher_id=instance_id,
                                           data=registration), topic(ns, REGISTRY), instance_id)

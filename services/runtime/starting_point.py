@@ -1,11 +1,12 @@
 """What a worker reads and claims in the state store when it takes an attempt of a task,
 and how it lets go of one."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import NewTask
@@ -67,10 +68,19 @@ async def _why_not(conn: AsyncConnection, task_id: str, attempt: int) -> tuple[s
         return "it was cancelled", True
     if row.paused:
         return "it is paused", True
-    if row.attempt != attempt:
+    if row.attempt > attempt:
         return f"attempt {attempt} was replaced by attempt {row.attempt}", True
+    if row.attempt < attempt:
+        # The orchestrator published attempt `attempt` inside its transaction: committed
+        # after this claim looked. The caller looks again.
+        return f"attempt {attempt} is not committed yet (attempt {row.attempt} is)", False
     if row.finished:
         return "it has ended", True
+    if row.instance_id is None:
+        # Committed after the claim looked: on PostgreSQL each statement reads the rows
+        # committed when it starts, and the orchestrator commits once the broker has the
+        # dispatch. The caller looks again.
+        return "the orchestrator's dispatch was not committed yet", False
     return f"instance {row.instance_id} holds it and is alive", True
 
 
@@ -81,4 +91,30 @@ async def release(conn: AsyncConnection, task_id: str, attempt: int, instance_id
         .where(dispatches.c.task_id == task_id, dispatches.c.attempt == attempt,
                dispatches.c.instance_id == instance_id)
         .values(instance_id=None, started_at=None, heartbeat_at=None)
+    )
+
+
+async def renew(conn: AsyncConnection, instance_id: str, running: Mapping[str, int]) -> None:
+    """Renew the lease of each attempt this instance holds: `running` maps task ids to their
+    attempts. One the orchestrator has moved to a next attempt stays lost."""
+    if not running:
+        return
+    await conn.execute(
+        update(dispatches)
+        .where(dispatches.c.task_id == bindparam("held_task"),
+               dispatches.c.attempt == bindparam("held_attempt"),
+               dispatches.c.instance_id == instance_id, dispatches.c.finished.is_(False))
+        .values(heartbeat_at=now()),
+        [{"held_task": task_id, "held_attempt": attempt} for task_id, attempt in running.items()],
+    )
+
+
+async def reported(conn: AsyncConnection, task_id: str, attempt: int, instance_id: str) -> None:
+    """This instance has published the attempt's outcome (the broker confirmed it): the
+    orchestrator's sweep leaves the attempt alone from now on."""
+    await conn.execute(
+        update(dispatches)
+        .where(dispatches.c.task_id == task_id, dispatches.c.attempt == attempt,
+               dispatches.c.instance_id == instance_id)
+        .values(reported_at=now())
     )
