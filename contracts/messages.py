@@ -199,6 +199,9 @@ class RegisterService(Payload):
         default_factory=list, description="JSON Schema of each event type of the workflow")
     graph: dict[str, Any] | None = Field(
         default=None, description="the workflow's graph (llama-index-workflows WorkflowGraph)")
+    max_concurrent_tasks: int | None = Field(
+        default=None, ge=1, description="tasks of the service that may run at once across all "
+        "its replicas (the orchestrator holds the others back); none: no limit")
 
 
 class RunningTask(BaseModel):

@@ -89,6 +89,9 @@ def serve(
     name: Annotated[str, typer.Option("--name", help="the service's name")],
     max_concurrent_tasks: Annotated[
         int | None, typer.Option(help="tasks this replica runs at once")] = None,
+    service_max_concurrent_tasks: Annotated[
+        int | None, typer.Option(help="tasks of the service that run at once across all its "
+                                 "replicas")] = None,
 ) -> None:
     """Run a workflow service: one replica of the workflow at MODULE:ATTR."""
     from conveyor.services.runtime.app import create_app
@@ -98,6 +101,8 @@ def serve(
         overrides: dict[str, Any] = {"workflow": workflow, "service_name": name}
         if max_concurrent_tasks is not None:
             overrides["max_concurrent_tasks"] = max_concurrent_tasks
+        if service_max_concurrent_tasks is not None:
+            overrides["service_max_concurrent_tasks"] = service_max_concurrent_tasks
         return create_app(load(RuntimeSettings, **overrides))
 
     _serve(make)

@@ -46,11 +46,15 @@ async def deploy_workflow(
     namespace: str | None = None,
     state_url: str | None = None,
     max_concurrent_tasks: int | None = None,
+    service_max_concurrent_tasks: int | None = None,
 ) -> None:
-    """Serve `workflow` as the service `name` from this process until cancelled."""
+    """Serve `workflow` as the service `name` from this process until cancelled:
+    `max_concurrent_tasks` at once in this process, `service_max_concurrent_tasks` across
+    all the service's replicas."""
     settings = load(RuntimeSettings, **_overrides(
         service_name=name, broker_url=broker_url, namespace=namespace, state_url=state_url,
         max_concurrent_tasks=max_concurrent_tasks,
+        service_max_concurrent_tasks=service_max_concurrent_tasks,
         workflow=f"{type(workflow).__module__}:{type(workflow).__qualname__}",
     ))
     await _run(service_app(settings, workflow=workflow))

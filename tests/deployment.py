@@ -29,9 +29,16 @@ SERVICES = {
     "unserializable": "sample_workflows:unserializable",
     "stepper": "sample_workflows:stepper",
     "flaky": "sample_workflows:flaky",
+    "work": "sample_workflows:work",
 }
-# Second replicas: part name -> the service it is another replica of.
+# Second replicas: part name -> the service it is another replica of. Any part named
+# "PART#N" is another replica of PART too ("work#2", "control-plane#2").
 REPLICAS = {"stepper-b": "stepper"}
+
+
+def part_of(name: str) -> str:
+    """The part (a core part's command or a service) a process name runs."""
+    return REPLICAS.get(name, name.partition("#")[0])
 
 
 @dataclass
@@ -58,20 +65,20 @@ class Deployment:
     def command(self, part: str) -> list[str]:
         if self.via_faststream:
             module = {"control-plane": "control_plane", "orchestrator": "orchestrator"}
-            target = module.get(part, "runtime")
+            target = module.get(part_of(part), "runtime")
             return [sys.executable, "-m", "faststream", "run",
                     f"conveyor.services.{target}.app:app"]
-        service = REPLICAS.get(part, part)
+        service = part_of(part)
         if service in SERVICES:
             return [sys.executable, "-m", "conveyor", "serve", SERVICES[service], "--name",
                     service]
-        return [sys.executable, "-m", "conveyor", part]
+        return [sys.executable, "-m", "conveyor", service]
 
     def start(self, *parts: str) -> None:
         for part in parts:
             log = open(self.workdir / f"{part}.log", "ab")
             env = self.env
-            service = REPLICAS.get(part, part)
+            service = part_of(part)
             if service in SERVICES:
                 env |= {"CONVEYOR_SERVICE_NAME": service, "CONVEYOR_WORKFLOW": SERVICES[service]}
             self.processes[part] = subprocess.Popen(

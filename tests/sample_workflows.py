@@ -1,6 +1,8 @@
 """Workflows the integration tests serve; importable by the service processes (PYTHONPATH)."""
 
 import asyncio
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,29 @@ class Flaky(Workflow):
 
 
 flaky = Flaky(timeout=None)
+
+
+class Progress(Event):
+    n: int
+    i: int
+
+
+class Work(Workflow):
+    """For the scale-out tests: streams `events` Progress events, waits `seconds`, notes its
+    run as "n pid" in the file `log`, and returns its `n`, pid and when it started and ended."""
+
+    @step
+    async def work(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        started = time.time()
+        n = int(ev.get("n", 0))
+        for i in range(int(ev.get("events", 0))):
+            ctx.write_event_to_stream(Progress(n=n, i=i))
+        await asyncio.sleep(float(ev.get("seconds", 0)))
+        if log := ev.get("log"):
+            with Path(log).open("a") as runs:  # noqa: ASYNC230 (one tiny line, in a test)
+                runs.write(f"{n} {os.getpid()}\n")
+        return StopEvent(result={"n": n, "pid": os.getpid(), "started": started,
+                                 "ended": time.time()})
+
+
+work = Work(timeout=None)

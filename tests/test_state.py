@@ -497,16 +497,54 @@ async def test_tasks_of_one_session_are_dispatched_one_at_a_time_in_order(engine
         third = await claim(conn, "t3", "counter", task={"task_id": "t3"}, session_id="s")
         elsewhere = await claim(conn, "t4", "counter", task={"task_id": "t4"}, session_id="o")
     assert [c.held for c in (first, second, third, elsewhere)] == [False, True, True, False]
+    release = orchestrator_state.release_after
     async with engine.begin() as conn:
-        assert await orchestrator_state.release_next(conn, "t1") is None  # t1 still runs
+        assert await release(conn, "t1", {}) == []  # t1 still runs
         await orchestrator_state.mark_finished(conn, "t1")
-        released = await orchestrator_state.release_next(conn, "t1")
-        assert await orchestrator_state.release_next(conn, "t1") is None  # t2 runs now
-    assert released == {"task": {"task_id": "t2"}, "attempt": 1, "trace": None}
+        released = await release(conn, "t1", {})
+        assert await release(conn, "t1", {}) == []  # t2 runs now
+    assert released == [{"task": {"task_id": "t2"}, "attempt": 1, "trace": None}]
     async with engine.begin() as conn:
         await orchestrator_state.cancel(conn, "t2")
-        released = await orchestrator_state.release_next(conn, "t2")
-    assert released["task"] == {"task_id": "t3"}
+        released = await release(conn, "t2", {})
+    assert [r["task"] for r in released] == [{"task_id": "t3"}]
+
+
+async def test_a_service_limit_holds_tasks_until_a_place_frees(engine):
+    claim = orchestrator_state.claim_first_dispatch
+    release = orchestrator_state.release_after
+    limits = {"slow": 2}
+    async with engine.begin() as conn:
+        held = [(await claim(conn, f"t{n}", "slow", task={"n": n}, limit=2)).held
+                for n in range(5)]
+        unlimited = await claim(conn, "e1", "echo", task={"n": "e"})
+    assert held == [False, False, True, True, True]
+    assert unlimited.held is False
+    async with engine.begin() as conn:
+        await orchestrator_state.pause(conn, "t0")  # a paused task gives up its place
+        assert [r["task"] for r in await release(conn, "t0", limits)] == [{"n": 2}]
+        await orchestrator_state.mark_finished(conn, "t1")
+        assert [r["task"] for r in await release(conn, "t1", limits)] == [{"n": 3}]
+        assert await release(conn, "t1", limits) == []  # full again: t2 and t3 run
+    async with engine.begin() as conn:
+        # A higher limit (a new registration) lets the sweep release the rest.
+        released = await orchestrator_state.release_held(conn, {"slow": 3}, every=True)
+    assert [r["task"] for r in released] == [{"n": 4}]
+
+
+async def test_a_held_task_waits_for_both_its_session_and_its_service(engine):
+    claim = orchestrator_state.claim_first_dispatch
+    limits = {"slow": 1}
+    async with engine.begin() as conn:
+        await claim(conn, "a1", "slow", task={"id": "a1"}, session_id="a", limit=1)
+        await claim(conn, "b1", "slow", task={"id": "b1"}, session_id="b", limit=1)
+        await claim(conn, "a2", "slow", task={"id": "a2"}, session_id="a", limit=1)
+    async with engine.begin() as conn:
+        await orchestrator_state.mark_finished(conn, "a1")
+        # b1 came first and its session is free; a2 is next in its session, but the
+        # service has room for one.
+        released = await orchestrator_state.release_after(conn, "a1", limits)
+    assert [r["task"] for r in released] == [{"id": "b1"}]
 
 
 async def test_a_claim_rolled_back_can_be_claimed_again(engine):
@@ -533,7 +571,7 @@ async def test_mark_finished_and_known_services(engine):
             await conn.execute(select(database.dispatches.c.finished))
         ).scalar_one()
         assert finished is True
-        assert await orchestrator_state.known_services(conn) == {"echo", "slow"}
+        assert await orchestrator_state.known_services(conn) == {"echo": None, "slow": None}
 
 
 # Concurrent deliveries (two control-plane replicas, or a query beside the recorder)

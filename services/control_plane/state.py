@@ -307,9 +307,10 @@ async def record_registration(conn: AsyncConnection, reg: RegisterService) -> No
             services,
             ["name"],
             {"name": reg.service, "workflow": reg.workflow, "event_types": reg.event_types,
-             "described": reg.model_dump(include=DESCRIBED), "registered_at": moment,
+             "described": reg.model_dump(include=DESCRIBED),
+             "max_concurrent_tasks": reg.max_concurrent_tasks, "registered_at": moment,
              "last_seen": moment},
-            ["workflow", "event_types", "described", "last_seen"],
+            ["workflow", "event_types", "described", "max_concurrent_tasks", "last_seen"],
         )
     )
     await conn.execute(
@@ -443,6 +444,7 @@ async def list_services(conn: AsyncConnection, heartbeat_timeout: float) -> list
     found: dict[str, dict[str, Any]] = {}
     for row in await conn.execute(select(services).order_by(services.c.name)):
         found[row.name] = {"name": row.name, "workflow": row.workflow,
+                           "max_concurrent_tasks": row.max_concurrent_tasks,
                            **dict.fromkeys(DESCRIBED), **(row.described or {}), "instances": []}
     for row in await conn.execute(select(instances).order_by(instances.c.started_at)):
         if row.service not in found:

@@ -60,27 +60,28 @@ def create_app(settings: Settings | None = None) -> FastStream:
     broker = create_broker(settings, "orchestrator")
     publisher_id = f"orchestrator@{socket.gethostname()}:{os.getpid()}"
     engine: AsyncEngine | None = None
-    registered: set[str] = set()
+    known: dict[str, int | None] = {}  # registered services -> their limit across replicas
     sweeper: asyncio.Task | None = None
     timers: set[asyncio.Task] = set()  # retries waiting for their time
 
     async def is_registered(service: str) -> bool:
-        if service not in registered:
+        if service not in known:
             async with engine.connect() as conn:
-                registered.update(await state.known_services(conn))
-        return service in registered
+                known.update(await state.known_services(conn))
+        return service in known
 
     async def dispatch(task: NewTask) -> None:
         async with engine.begin() as conn:
             claim = await state.claim_first_dispatch(
                 conn, task.task_id, task.service, task.parent_task_id,
-                task.model_dump(mode="json"), telemetry.carrier(), task.session_id)
+                task.model_dump(mode="json"), telemetry.carrier(), task.session_id,
+                known.get(task.service))
             if not claim.new:
                 log.info("task %s was dispatched before; duplicate ignored", task.task_id)
                 return
             if claim.held:
-                log.info("task %s waits for the task before it in session %s", task.task_id,
-                         task.session_id)
+                log.info("task %s waits for the task before it in its session or for room in "
+                         "service %s", task.task_id, task.service)
                 return
             message = DispatchTaskMessage(
                 type=task.service, publisher_id=publisher_id,
@@ -124,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
             case CompletedTaskMessage(data=outcome):
                 async with engine.begin() as conn:
                     await state.mark_finished(conn, outcome.task_id, outcome.attempt)
-                    if (after := await state.release_next(conn, outcome.task_id)) is not None:
+                    for after in await state.release_after(conn, outcome.task_id, known):
                         await redispatch(after["task"], after["attempt"], after["trace"])
             case CancelTaskMessage():
                 await cancel(message)
@@ -166,7 +167,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
         request = message.data
         pausing = isinstance(message, PauseTaskMessage)
         async with engine.begin() as conn:
-            found = await (state.pause if pausing else state.resume)(conn, request.task_id)
+            if pausing:
+                found = await state.pause(conn, request.task_id)
+            else:
+                found = await state.resume(conn, request.task_id, known)
             if found.done and pausing:
                 # Before the status: an event sent once "paused" shows reaches the worker
                 # after the pause on the same broadcast, and waits in the inbox.
@@ -179,8 +183,11 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 await publish(broker, settings, TaskStatusMessage(
                     type=CONTROL_PLANE, publisher_id=publisher_id, data=status),
                     topic(ns, CONTROL_PLANE), key=request.task_id)
-            if found.done and not pausing:
+            if found.done and not pausing and found.task is not None:
                 await redispatch(found.task, found.attempt, found.trace)
+            if found.done and pausing:
+                for after in await state.release_after(conn, request.task_id, known):
+                    await redispatch(after["task"], after["attempt"], after["trace"])
         await answer(message, found.found, found.done)
 
     async def answer(message, found: bool, done: bool) -> None:
@@ -228,12 +235,9 @@ def create_app(settings: Settings | None = None) -> FastStream:
             return  # the control plane answers and dead-letters it
         match message:
             case RegisterServiceMessage(data=registration):
-                registered.add(registration.service)
+                known[registration.service] = registration.max_concurrent_tasks
             case HeartbeatMessage(data=beat):
-                registered.add(beat.service)
-                if beat.running:
-                    async with engine.begin() as conn:
-                        await state.renew_leases(conn, beat)
+                known.setdefault(beat.service, None)  # leases: the worker renews its own
 
     async def recover_forever() -> None:
         """Re-dispatch, as their next attempt, the tasks whose worker stopped heartbeating."""
@@ -242,6 +246,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
             try:
                 await recover_expired()
                 await dispatch_due()
+                await release_held()
             except Exception:  # the next sweep tries again
                 log.exception("sweep for expired leases failed")
 
@@ -255,11 +260,19 @@ def create_app(settings: Settings | None = None) -> FastStream:
             if expired:
                 await counters.add(conn, counters.RECOVERED, len(expired))
 
+    async def release_held() -> None:
+        """Held tasks that may run now: a missed release, or a service given a higher limit
+        (each replica of the orchestrator learns the limits of every registration here)."""
+        async with engine.begin() as conn:
+            known.update(await state.known_services(conn))
+            for item in await state.release_held(conn, known, every=True):
+                await redispatch(item["task"], item["attempt"], item["trace"])
+
     async def start() -> None:
         nonlocal engine
         engine = await database.connect(settings.state_url)
         async with engine.connect() as conn:
-            registered.update(await state.known_services(conn))
+            known.update(await state.known_services(conn))
 
     async def stop_sweeping() -> None:
         for waiting in [sweeper, *timers]:

@@ -3,26 +3,30 @@
 from datetime import timedelta
 from typing import NamedTuple
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
-
-from conveyor.contracts import Heartbeat
 
 from ..database import dialect_insert, dispatches, now, services
 
 
 class Claim(NamedTuple):
     new: bool  # False: the task was dispatched before (a duplicate)
-    held: bool = False  # another task of its session is open: it waits for that one to end
+    held: bool = False  # it waits: for the task before it in its session, or for room
 
 
 async def claim_first_dispatch(
     conn: AsyncConnection, task_id: str, service: str, parent_task_id: str | None = None,
     task: dict | None = None, trace: dict | None = None, session_id: str | None = None,
+    limit: int | None = None,
 ) -> Claim:
     """Record attempt 1 of a task, held back when another task of its session is open (tasks
-    of one session share its state, so they run one at a time, in the order they came)."""
-    held = session_id is not None and await _session_busy(conn, session_id)
+    of one session share its state, so they run one at a time, in the order they came) or
+    when `limit` tasks of its service are open already."""
+    held = False
+    if session_id is not None or limit:
+        await _decide_alone(conn)
+        held = (session_id is not None and await _session_busy(conn, session_id)) or (
+            bool(limit) and await _open_tasks(conn, service) >= limit)
     result = await conn.execute(
         dialect_insert(conn, dispatches)
         .values(task_id=task_id, service=service, attempt=1, parent_task_id=parent_task_id,
@@ -33,11 +37,18 @@ async def claim_first_dispatch(
     return Claim(result.rowcount == 1, held)
 
 
-async def _session_busy(conn: AsyncConnection, session_id: str) -> bool:
-    """Whether a task of the session is open and not held; on PostgreSQL, first waits for any
-    other transaction deciding about the same session (an advisory lock until commit)."""
+async def _decide_alone(conn: AsyncConnection) -> None:
+    """On PostgreSQL, wait for any other transaction deciding whether a task waits or runs
+    (an advisory lock until commit); SQLite's writers take turns anyway (BEGIN IMMEDIATE)."""
     if conn.dialect.name == "postgresql":
-        await conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(session_id))))
+        await conn.execute(select(func.pg_advisory_xact_lock(HOLD_LOCK)))
+
+
+HOLD_LOCK = 0x636F6E76  # "conv": one advisory lock for every hold decision
+
+
+async def _session_busy(conn: AsyncConnection, session_id: str) -> bool:
+    """Whether a task of the session is open and not held."""
     busy = await conn.execute(
         select(dispatches.c.task_id)
         .where(dispatches.c.session_id == session_id, dispatches.c.finished.is_(False),
@@ -47,38 +58,78 @@ async def _session_busy(conn: AsyncConnection, session_id: str) -> bool:
     return busy.first() is not None
 
 
-async def release_next(conn: AsyncConnection, task_id: str) -> dict | None:
-    """Once a task has ended, the next held task of its session, no longer held: returns its
-    NEW_TASK and trace, to dispatch; None when there is none (or the session is busy)."""
+async def _open_tasks(conn: AsyncConnection, service: str) -> int:
+    """Tasks of the service that hold a place: dispatched, not held, paused or finished."""
+    return (await conn.execute(
+        select(func.count()).select_from(dispatches)
+        .where(dispatches.c.service == service, dispatches.c.finished.is_(False),
+               dispatches.c.held.is_(False), dispatches.c.paused.is_(False)))).scalar_one()
+
+
+async def release_held(conn: AsyncConnection, limits: dict[str, int | None], *,
+                       session_id: str | None = None, service: str | None = None,
+                       every: bool = False) -> list[dict]:
+    """Held tasks that may run now, no longer held: returns each one's NEW_TASK, attempt and
+    trace, to dispatch. After a task of `session_id` / `service` ended or paused, looks at the
+    held tasks of that session and that service; with `every`, at all held tasks (the sweep).
+    A held task runs once its session has no other open task and its service has room."""
+    scopes = []
+    if session_id is not None:
+        scopes.append(dispatches.c.session_id == session_id)
+    if service is not None and limits.get(service):
+        scopes.append(dispatches.c.service == service)
+    if every:
+        scopes.append(dispatches.c.held.is_(True))
+    if not scopes:
+        return []
+    await _decide_alone(conn)
+    waiting = await conn.execute(
+        select(dispatches.c.task_id, dispatches.c.service, dispatches.c.session_id,
+               dispatches.c.attempt, dispatches.c.task, dispatches.c.trace)
+        .where(or_(*scopes), dispatches.c.held.is_(True), dispatches.c.finished.is_(False))
+        .order_by(dispatches.c.dispatched_at).limit(100))
+    released = []
+    full: set[str] = set()  # services found with no room: none frees up meanwhile
+    for row in waiting.all():  # first come, first served
+        if row.service in full:
+            continue
+        limit = limits.get(row.service)
+        if limit and await _open_tasks(conn, row.service) >= limit:
+            full.add(row.service)
+        elif await _next_of_its_session(conn, row):
+            await conn.execute(update(dispatches).where(dispatches.c.task_id == row.task_id)
+                               .values(held=False, dispatched_at=now()))
+            released.append({"task": row.task, "attempt": row.attempt, "trace": row.trace})
+    return released
+
+
+async def release_after(conn: AsyncConnection, task_id: str,
+                        limits: dict[str, int | None]) -> list[dict]:
+    """Once a task has ended or paused, the held tasks that may run in its place (a paused
+    task gives up its place in its service, not in its session: it will go on)."""
     row = (await conn.execute(
-        select(dispatches.c.session_id, dispatches.c.finished)
+        select(dispatches.c.session_id, dispatches.c.service, dispatches.c.finished,
+               dispatches.c.paused)
         .where(dispatches.c.task_id == task_id))).first()
-    if row is None or not row.finished or row.session_id is None:
-        return None
+    if row is None or not (row.finished or row.paused):
+        return []
+    return await release_held(conn, limits, service=row.service,
+                              session_id=row.session_id if row.finished else None)
+
+
+async def _next_of_its_session(conn: AsyncConnection, row) -> bool:
+    """Whether a held task is free to go as far as its session is concerned: it has none,
+    or no other task of it is open and no older one waits."""
+    if row.session_id is None:
+        return True
     if await _session_busy(conn, row.session_id):
-        return None
-    waiting = (await conn.execute(
-        select(dispatches.c.task_id, dispatches.c.task, dispatches.c.trace)
+        return False
+    first = (await conn.execute(
+        select(dispatches.c.task_id)
         .where(dispatches.c.session_id == row.session_id, dispatches.c.held.is_(True),
                dispatches.c.finished.is_(False))
-        .order_by(dispatches.c.dispatched_at).limit(1))).first()
-    if waiting is None:
-        return None
-    await conn.execute(update(dispatches).where(dispatches.c.task_id == waiting.task_id)
-                       .values(held=False, dispatched_at=now()))
-    return {"task": waiting.task, "attempt": 1, "trace": waiting.trace}
-
-
-async def renew_leases(conn: AsyncConnection, beat: Heartbeat) -> None:
-    """A worker's heartbeat renews the lease of each attempt it holds (stale ones excepted)."""
-    moment = now()
-    for held in beat.running:
-        await conn.execute(
-            update(dispatches)
-            .where(dispatches.c.task_id == held.task_id, dispatches.c.attempt == held.attempt,
-                   dispatches.c.finished.is_(False))
-            .values(heartbeat_at=moment, instance_id=beat.instance_id)
-        )
+        .order_by(dispatches.c.dispatched_at).limit(1))).scalar()
+    return first == row.task_id
 
 
 async def take_expired(conn: AsyncConnection, timeout: float, limit: int = 100) -> list[dict]:
@@ -92,7 +143,8 @@ async def take_expired(conn: AsyncConnection, timeout: float, limit: int = 100) 
     statement = (
         select(dispatches.c.task_id, dispatches.c.attempt, dispatches.c.task, dispatches.c.trace)
         .where(dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
-               dispatches.c.paused.is_(False), dispatches.c.heartbeat_at < silent_since)
+               dispatches.c.paused.is_(False), dispatches.c.reported_at.is_(None),
+               dispatches.c.heartbeat_at < silent_since)
         .limit(limit)
     )
     if conn.dialect.name == "postgresql":
@@ -107,7 +159,7 @@ async def take_expired(conn: AsyncConnection, timeout: float, limit: int = 100) 
             for row in expired if row.task]
 
 
-NO_LEASE = {"instance_id": None, "started_at": None, "heartbeat_at": None}
+NO_LEASE = {"instance_id": None, "started_at": None, "heartbeat_at": None, "reported_at": None}
 
 
 def _open(task_id: str):
@@ -149,7 +201,7 @@ class Steered(NamedTuple):
     found: bool  # the task was ever dispatched
     done: bool  # this request changed it
     service: str
-    task: dict | None = None  # for a resumed task: the NEW_TASK to dispatch again
+    task: dict | None = None  # for a resumed task: the NEW_TASK to dispatch now (None: held)
     attempt: int = 0  # for a resumed task: its new attempt
     trace: dict | None = None  # for a resumed task: the trace it was first dispatched in
 
@@ -164,17 +216,26 @@ async def pause(conn: AsyncConnection, task_id: str) -> Steered:
     return Steered(row is not None, paused.rowcount == 1, row.service if row else "")
 
 
-async def resume(conn: AsyncConnection, task_id: str) -> Steered:
-    """Unpause a task as its next attempt, which resumes from its last checkpoint."""
+async def resume(conn: AsyncConnection, task_id: str,
+                 limits: dict[str, int | None] | None = None) -> Steered:
+    """Unpause a task as its next attempt, which resumes from its last checkpoint; held (no
+    task to dispatch now) when its service's limit of open tasks is reached."""
     row = (await conn.execute(select(dispatches).where(dispatches.c.task_id == task_id))).first()
     if row is None:
         return Steered(False, False, "")
+    limit = (limits or {}).get(row.service)
+    if limit:
+        await _decide_alone(conn)
+    held = bool(limit) and await _open_tasks(conn, row.service) >= limit
     resumed = await conn.execute(
         update(dispatches).where(*_open(task_id), dispatches.c.paused.is_(True))
-        .values(paused=False, attempt=row.attempt + 1, dispatched_at=now(), **NO_LEASE)
+        .values(paused=False, held=held, attempt=row.attempt + 1, dispatched_at=now(),
+                **NO_LEASE)
     )
     if resumed.rowcount == 0:
         return Steered(True, False, row.service)
+    if held:
+        return Steered(True, True, row.service, None, row.attempt + 1)
     return Steered(True, True, row.service, row.task, row.attempt + 1, row.trace)
 
 
@@ -211,5 +272,8 @@ async def mark_finished(conn: AsyncConnection, task_id: str, attempt: int = 0) -
     await conn.execute(statement.values(finished=True))
 
 
-async def known_services(conn: AsyncConnection) -> set[str]:
-    return set((await conn.execute(select(services.c.name))).scalars())
+async def known_services(conn: AsyncConnection) -> dict[str, int | None]:
+    """Each registered service, with the number of its tasks that may run at once across all
+    its replicas (None: no limit)."""
+    rows = await conn.execute(select(services.c.name, services.c.max_concurrent_tasks))
+    return {name: limit for name, limit in rows}

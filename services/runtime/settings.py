@@ -9,7 +9,11 @@ from ..settings import Settings
 class RuntimeSettings(Settings):
     service_name: str = Field(default="", description="the service's name (--name)")
     workflow: str = Field(default="", description="MODULE:ATTR of the workflow (or its factory)")
-    max_concurrent_tasks: int = Field(default=16, ge=1)
+    max_concurrent_tasks: int = Field(default=16, ge=1, description="tasks this replica runs "
+                                      "at once")
+    service_max_concurrent_tasks: int | None = Field(
+        default=None, ge=1, description="tasks of the service that run at once across all its "
+        "replicas (the orchestrator holds the others back); unset: no limit")
     max_retries: int = Field(default=0, ge=0, le=100, description="attempts after a failed one")
     retry_backoff: float = Field(default=1.0, ge=0, description="seconds before the 1st retry")
     retry_backoff_max: float = Field(default=60.0, ge=0)

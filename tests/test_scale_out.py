@@ -1,0 +1,136 @@
+"""Replicas of every part, on both brokers, with PostgreSQL state: work is shared, a
+service's limit holds across its replicas, and replicas that come and go lose nothing."""
+
+import asyncio
+import random
+import uuid
+from collections import Counter, defaultdict
+
+import pytest
+
+from . import test_state
+from .deployment import Deployment
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def state_url():
+    """A PostgreSQL database of this test's own: the parts' replicas share it."""
+    name = f"conveyor_scale_{uuid.uuid4().hex[:12]}"
+    test_state._in_thread(test_state._admin, f'CREATE DATABASE "{name}"')
+    yield f"{test_state.POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    test_state._in_thread(test_state._admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def replicated(broker_url, tmp_path, state_url):
+    def make(**overrides: str) -> Deployment:
+        made.append(Deployment(broker_url, tmp_path, overrides={
+            "CONVEYOR_STATE_URL": state_url, "CONVEYOR_HEARTBEAT_TIMEOUT": "5", **overrides}))
+        return made[-1]
+
+    made: list[Deployment] = []
+    yield make
+    for deployment in made:
+        deployment.stop()
+
+
+def most_at_once(results: list[dict]) -> int:
+    """The most runs that overlapped in time, from each run's start and end."""
+    edges = sorted([(r["started"], 1) for r in results] + [(r["ended"], -1) for r in results])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+async def test_a_service_limit_holds_across_its_replicas(replicated):
+    deployment = replicated(CONVEYOR_MAX_CONCURRENT_TASKS="4",
+                            CONVEYOR_SERVICE_MAX_CONCURRENT_TASKS="2")
+    deployment.start("control-plane", "orchestrator", "work", "work#2")
+    await deployment.ready("work")
+    async with deployment.client() as client:
+        [service] = [s for s in await client.list_services() if s["name"] == "work"]
+        ids = [await client.run_nowait("work", n=n, seconds=0.5) for n in range(10)]
+        results = [await client.result(i, timeout=120) for i in ids]
+    peak = most_at_once(results)
+    print(f"found: at most {peak} of 10 tasks ran at once on 2 replicas of 4 places each")
+    assert service["max_concurrent_tasks"] == 2
+    assert [r["n"] for r in results] == list(range(10))
+    assert peak <= 2
+
+
+async def test_replicas_come_and_go_under_load_and_every_task_completes_once(
+        replicated, tmp_path):
+    """3 replicas of a service and 2 of the control plane and the orchestrator; 1,000 tasks,
+    each streaming 3 events; meanwhile a service replica is killed (kill -9), two are added,
+    one is stopped (SIGTERM), and a control plane and an orchestrator are killed and
+    started again. On Kafka a partition feeds one consumer and each replica runs one
+    consumer per place (4 here): 16 partitions give each of up to 4 replicas its share."""
+    deployment = replicated(CONVEYOR_MAX_CONCURRENT_TASKS="4", CONVEYOR_KAFKA_PARTITIONS="16")
+    deployment.start("control-plane", "control-plane#2", "orchestrator", "orchestrator#2",
+                     "work", "work#2", "work#3")
+    await deployment.ready("work")
+    runs = tmp_path / "runs.log"
+    total = 1000
+    pids = {name: process.pid for name, process in deployment.processes.items()}
+    killed: set[int] = set()
+    async with deployment.client() as client:
+        ids = [await client.run_nowait("work", n=n, events=3, seconds=random.uniform(0, 0.05),
+                                       log=str(runs)) for n in range(total)]
+        waits = [asyncio.ensure_future(client.wait(i, timeout=300)) for i in ids]
+        reached = {150: asyncio.Event(), 350: asyncio.Event(), 550: asyncio.Event()}
+        count = Counter()
+
+        def one_more(_) -> None:
+            count["outcomes"] += 1
+            if count["outcomes"] in reached:
+                reached[count["outcomes"]].set()
+
+        for wait in waits:
+            wait.add_done_callback(one_more)
+        await reached[150].wait()
+        killed.add(pids["work#2"])
+        deployment.kill("work#2")
+        deployment.start("work#4")
+        await reached[350].wait()
+        for part in ("control-plane#2", "orchestrator"):
+            deployment.kill(part)
+        await asyncio.sleep(1)
+        deployment.start("control-plane#2", "orchestrator")
+        deployment.start("work#5")
+        await reached[550].wait()
+        deployment.stop_part("work#3", timeout=60)
+        print("injected: kill -9 of work#2 at 150 outcomes, work#4 added; kill -9 of "
+              "control-plane#2 and orchestrator at 350, both restarted, work#5 added; "
+              "SIGTERM of work#3 at 550")
+        outcomes = await asyncio.gather(*waits)
+        pids |= {name: process.pid for name, process in deployment.processes.items()}
+        records = {r["task_id"]: r for r in await client.list_tasks(service="work",
+                                                                    limit=2 * total)}
+        sample = ids[::10]
+        streams = [[(e.index, e.event.value["i"]) async for e in client.stream(i)]
+                   for i in sample]
+
+    done_by = {}
+    again = defaultdict(list)
+    for line in runs.read_text().split("\n"):
+        if line:
+            n, pid = map(int, line.split())
+            if n in done_by:
+                again[n].append(done_by[n])
+            done_by[n] = pid
+    names = {pid: name for name, pid in pids.items()}
+    shared = Counter(names.get(pid, str(pid)) for pid in done_by.values())
+    print(f"found: {sum(o.status == 'completed' for o in outcomes)} of {total} completed; "
+          f"work shared as {dict(sorted(shared.items()))}; {len(again)} run again after "
+          f"their replica died")
+    assert [o.status for o in outcomes] == ["completed"] * total
+    assert [o.result["n"] for o in outcomes] == list(range(total))
+    assert all(records[i]["status"] == "completed" for i in ids)
+    # A task runs to completion twice only when the replica of its first run was killed.
+    assert {pid for earlier in again.values() for pid in earlier} <= killed
+    assert streams == [[(0, 0), (1, 1), (2, 2)]] * len(sample)
+    assert len([name for name in shared if name.startswith("work")]) >= 4
