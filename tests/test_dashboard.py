@@ -226,12 +226,14 @@ def test_a_traced_task_links_to_its_trace_in_the_jaeger_ui(page, http, gateway):
 def test_the_page_is_public_and_its_data_wants_the_token(gateway):
     with httpx.Client(base_url=gateway.url, timeout=30) as anonymous:
         page = anonymous.get("/dashboard")
+        slashed = anonymous.get("/dashboard/", follow_redirects=True)
         script = anonymous.get("/dashboard/dashboard.js")
         data = [anonymous.get("/dashboard/api/services"),
                 anonymous.get("/dashboard/api/tasks"),
                 anonymous.post("/dashboard/api/tasks/anything/cancel")]
 
     assert page.status_code == 200 and "Conveyor dashboard" in page.text
+    assert slashed.status_code == 200 and slashed.url.path == "/dashboard"
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     assert [answer.status_code for answer in data] == [401, 401, 401]
 

@@ -86,7 +86,8 @@ def _bearer_check(token: str):
 
     async def check(request: Request, call_next):
         given = request.headers.get("authorization", "").encode()
-        if request.url.path not in PUBLIC and not secrets.compare_digest(given, expected):
+        public = (request.url.path.rstrip("/") or "/") in PUBLIC  # /dashboard/ redirects
+        if not public and not secrets.compare_digest(given, expected):
             return JSONResponse({"detail": "missing or wrong bearer token: send "
                                  "'Authorization: Bearer <CONVEYOR_GATEWAY_TOKEN>'"},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
