@@ -239,6 +239,8 @@ QueryKind = Literal[
     "get_checkpoint",
     "pending_work",
     "get_metrics",
+    "list_events",
+    "get_throughput",
 ]
 
 
@@ -250,9 +252,17 @@ class Query(Payload):
     status: TaskStatus | None = None
     session_id: str | None = None
     owner: str | None = Field(default=None, description="list_tasks: the publisher_id")
+    search: str | None = Field(
+        default=None, max_length=200,
+        description="list_tasks: only tasks whose id or service contains this text, "
+        "ignoring case")
     limit: int = Field(default=100, ge=1, le=10_000)
     after: int = Field(
-        default=-1, ge=-1, description="stream_task: replay the events after this index"
+        default=-1, ge=-1,
+        description="stream_task, list_events: replay (list) the events after this index"
+    )
+    minutes: int = Field(
+        default=60, ge=1, le=1440, description="get_throughput: how many minutes back from now"
     )
     state: dict[str, Any] | None = Field(
         default=None, description="set_session_state: the session's new state"

@@ -385,12 +385,22 @@ class Client:
         status: str | None = None,
         session_id: str | None = None,
         owner: str | None = None,
+        search: str | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
-        """Tasks, newest first; `owner` is the publisher_id that started them."""
+        """Tasks, newest first; `owner` is the publisher_id that started them, `search` a
+        piece of their id or service name (any case)."""
         query = Query(kind="list_tasks", service=service, status=status, session_id=session_id,
-                      owner=owner, limit=limit, reply_to=self._reply_to)
+                      owner=owner, search=search, limit=limit, reply_to=self._reply_to)
         return await self._ask(query)
+
+    async def event_log(self, task_id: str, after: int = -1,
+                        limit: int = 1000) -> list[dict[str, Any]]:
+        """The events a task has streamed so far, after index `after`, read once from the
+        durable log with when each was stored: [{"index", "event", "at"}]. (stream()
+        follows them live.)"""
+        return await self._ask(Query(kind="list_events", task_id=task_id, after=after,
+                                     limit=limit, reply_to=self._reply_to))
 
     async def list_services(self) -> list[dict[str, Any]]:
         return await self._ask(Query(kind="list_services", reply_to=self._reply_to))
@@ -404,6 +414,12 @@ class Client:
         """Deployment-wide figures: tasks by service and status, retries, task durations
         (histogram buckets) and the counters; what the gateway's /metrics serves."""
         return await self._ask(Query(kind="get_metrics", reply_to=self._reply_to))
+
+    async def throughput(self, minutes: int = 60) -> list[dict[str, Any]]:
+        """Tasks that ended in each of the last `minutes` minutes, oldest first:
+        [{"minute" (its start, ISO 8601 UTC), "completed", "failed", "cancelled"}]."""
+        return await self._ask(Query(kind="get_throughput", minutes=minutes,
+                                     reply_to=self._reply_to))
 
     async def counters(self) -> dict[str, int]:
         """Deployment-wide counts: stale attempts rejected, tasks recovered, ..."""

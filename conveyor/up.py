@@ -76,6 +76,7 @@ def run_everything(services: list[str]) -> int:
         asyncio.run(_until_registered(url, settings.namespace, services_up))
         console.print(f"running {', '.join(children)} on {url} (state: {settings.state_url})")
         console.print(f"the HTTP gateway: http://127.0.0.1:{gateway} (routes: /docs)")
+        console.print(f"the dashboard: http://127.0.0.1:{gateway}/dashboard")
         console.print("publish a task from another shell with:\n"
                       f"  CONVEYOR_BROKER_URL={url} conveyor publish echo "
                       "--input '{\"message\": \"hello\"}' --wait\n"

@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
+import httpx
 
 from conveyor import Client, TaskFailed
 from conveyor.services.bus import SYSTEM_SUBSCRIPTIONS, group_name
@@ -203,3 +205,34 @@ async def eventually(check, timeout: float = 15.0):
         while not (found := await check()):  # noqa: ASYNC110
             await asyncio.sleep(0.2)
     return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_gateway(deployment: Deployment, name: str, **env: str) -> str:
+    """`conveyor gateway` on a free port in front of the deployment, with `env` added;
+    returns its address once it answers /health."""
+    port = free_port()
+    log = open(deployment.workdir / f"{name}.log", "ab")  # noqa: SIM115
+    deployment.processes[name] = subprocess.Popen(
+        [sys.executable, "-m", "conveyor", "gateway", "--port", str(port)],
+        env=deployment.env | env, cwd=deployment.workdir, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(eventually(lambda: _answers(url), timeout=30))
+    except TimeoutError:
+        print(deployment.logs())
+        raise
+    return url
+
+
+async def _answers(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(f"{url}/health")).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from workflows import Workflow
 
 from conveyor.cli import app
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.services.runtime.settings import RuntimeSettings
 from conveyor.services.runtime.worker import load_workflow
 from conveyor.services.settings import load
@@ -127,7 +128,8 @@ def test_each_command_is_a_real_conveyor_command(name):
 
 def test_every_conveyor_variable_is_a_setting_the_code_reads():
     prefix = RuntimeSettings.model_config["env_prefix"].upper()
-    known = {prefix + field.upper() for field in RuntimeSettings.model_fields}
+    known = {prefix + field.upper()
+             for settings in (RuntimeSettings, GatewaySettings) for field in settings.model_fields}
     used = {
         (name, key)
         for name, spec in compose()["services"].items()
@@ -136,7 +138,19 @@ def test_every_conveyor_variable_is_a_setting_the_code_reads():
     }
     assert used, "compose.yaml sets no CONVEYOR_* variable"
     unknown = sorted(f"{name}: {key}" for name, key in used if key.upper() not in known)
-    assert not unknown, f"not settings of RuntimeSettings ({sorted(known)}): {unknown}"
+    assert not unknown, f"not settings of any part ({sorted(known)}): {unknown}"
+
+
+@pytest.mark.parametrize("name", ["gateway", "gateway-kafka"])
+def test_the_dashboard_links_traces_to_the_jaeger_ui_compose_publishes(name, monkeypatch):
+    everything = compose()["services"]
+    for key, value in environment(everything[name]).items():
+        monkeypatch.setenv(key, value)
+    settings = load(GatewaySettings)
+    assert settings.broker_url  # the shared environment is kept beside the gateway's own
+    jaeger = urlsplit(settings.jaeger_ui_url or "")
+    assert jaeger.hostname == "localhost", "the address is opened by a browser on the host"
+    assert f"{jaeger.port}:{jaeger.port}" in everything["jaeger"]["ports"]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))

@@ -1,36 +1,17 @@
 """The HTTP gateway, as a user of llama-agents-client's unmodified WorkflowClient sees it,
 against real processes on both brokers."""
 
-import asyncio
-import socket
-import subprocess
-import sys
-
 import httpx
 import pytest
 from llama_agents.client import WorkflowClient
 from prometheus_client.parser import text_string_to_metric_families
 from workflows.events import HumanResponseEvent, StartEvent
 
-from .deployment import Deployment, eventually, serving
+from .deployment import Deployment, serving, start_gateway
 
 TOKEN = "s3cret-token"
 ALLOWED_ORIGIN = "http://dashboard.example"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def _answers(url: str) -> bool:
-    try:
-        async with httpx.AsyncClient() as http:
-            return (await http.get(f"{url}/health")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +20,9 @@ def gateways(broker_url, tmp_path_factory):
     front of it."""
     with serving(Deployment(broker_url, tmp_path_factory.mktemp("gateway")),
                  "echo", "greeter", "slow") as deployment:
-        urls = []
-        for name in ("gateway", "gateway-b"):
-            port = _free_port()
-            log = open(deployment.workdir / f"{name}.log", "ab")  # noqa: SIM115
-            deployment.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "conveyor", "gateway", "--port", str(port)],
-                env=deployment.env | {"CONVEYOR_GATEWAY_TOKEN": TOKEN,
-                                      "CONVEYOR_GATEWAY_CORS_ORIGINS": ALLOWED_ORIGIN},
-                cwd=deployment.workdir, stdout=log, stderr=subprocess.STDOUT)
-            urls.append(f"http://127.0.0.1:{port}")
-        try:
-            for url in urls:
-                asyncio.run(eventually(lambda url=url: _answers(url), timeout=30))
-        except TimeoutError:
-            print(deployment.logs())
-            raise
-        yield urls
+        yield [start_gateway(deployment, name, CONVEYOR_GATEWAY_TOKEN=TOKEN,
+                             CONVEYOR_GATEWAY_CORS_ORIGINS=ALLOWED_ORIGIN)
+               for name in ("gateway", "gateway-b")]
 
 
 @pytest.fixture(scope="module")
@@ -319,4 +286,9 @@ async def test_openapi_describes_every_route(http):
         "/workflows/{name}/run": {"post"}, "/workflows/{name}/run-nowait": {"post"},
         "/events/{handler_id}": {"get", "post"}, "/handlers": {"get"}, "/metrics": {"get"},
         "/handlers/{handler_id}": {"get"}, "/handlers/{handler_id}/cancel": {"post"},
+        "/dashboard": {"get"}, "/dashboard/dashboard.js": {"get"},
+        "/dashboard/api/services": {"get"}, "/dashboard/api/tasks": {"get"},
+        "/dashboard/api/tasks/{task_id}": {"get"},
+        "/dashboard/api/tasks/{task_id}/{action}": {"post"},
+        "/dashboard/api/throughput": {"get"},
     } == {path: set(methods) for path, methods in paths.items()}

@@ -275,6 +275,38 @@ def stream(index: int, value: dict, task_id: str = "t1") -> TaskStream:
     )
 
 
+async def test_the_event_log_lists_events_after_an_index_with_when_each_was_stored(engine):
+    async with engine.begin() as conn:
+        for index in range(4):
+            await state.append_event(conn, stream(index, {"step": index}))
+        await state.append_event(conn, stream(0, {"step": 0}, task_id="t2"))
+    async with engine.begin() as conn:
+        after_one = await state.events_of(conn, "t1", after=1, limit=100)
+        first_two = await state.events_of(conn, "t1", after=-1, limit=2)
+        unknown = await state.events_of(conn, "never-sent", after=-1, limit=100)
+
+    assert [(e["index"], e["event"]["value"]) for e in after_one] == [
+        (2, {"step": 2}), (3, {"step": 3})]
+    assert [e["index"] for e in first_two] == [0, 1]
+    assert all(datetime.fromisoformat(e["at"]).tzinfo is not None for e in after_one)
+    assert unknown == []
+
+
+async def test_a_task_record_names_the_trace_it_was_dispatched_in(engine):
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with engine.begin() as conn:
+        await state.record_new_task(conn, new_task("traced"), "client")
+        await state.record_new_task(conn, new_task("untraced"), "client")
+        await state.record_new_task(conn, new_task("waiting"), "client")
+        await orchestrator_state.claim_first_dispatch(
+            conn, "traced", "echo", trace={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+        await orchestrator_state.claim_first_dispatch(conn, "untraced", "echo")
+
+    assert (await get(engine, "traced"))["trace_id"] == trace_id
+    assert (await get(engine, "untraced"))["trace_id"] is None
+    assert (await get(engine, "waiting"))["trace_id"] is None  # not dispatched yet
+
+
 async def test_an_event_appended_twice_with_the_same_index_keeps_one_row(engine):
     async with engine.begin() as conn:
         await state.append_event(conn, stream(0, {"step": 1}))
@@ -415,6 +447,23 @@ async def test_list_tasks_filters_by_service_status_and_session(engine):
     assert await ids(service="beta", session_id="s2") == set()
     async with engine.begin() as conn:
         assert len(await state.list_tasks(conn, query(limit=3))) == 3
+
+
+async def test_list_tasks_searches_ids_and_services_by_a_piece_of_either(engine):
+    async with engine.begin() as conn:
+        for task_id, service in (("invoice-42", "billing"), ("Invoice-7", "echo"),
+                                 ("a_b", "echo"), ("axb", "greeter")):
+            await state.record_new_task(conn, new_task(task_id, service=service), "c")
+
+    async def ids(search: str) -> set[str]:
+        async with engine.begin() as conn:
+            return {t["task_id"] for t in await state.list_tasks(conn, query(search=search))}
+
+    assert await ids("invoice") == {"invoice-42", "Invoice-7"}  # any case
+    assert await ids("bill") == {"invoice-42"}
+    assert await ids("echo") == {"Invoice-7", "a_b"}
+    assert await ids("a_b") == {"a_b"}  # `_` is not a wildcard
+    assert await ids("%") == set()
 
 
 async def test_dead_letters_are_listed_newest_first(engine):
@@ -665,3 +714,24 @@ async def test_metrics_count_tasks_retries_and_bucket_durations(engine):
     bounds = found["bucket_bounds"]
     assert echo["buckets"] == [(0.02 <= b) + (7 <= b) for b in bounds]
     assert "slow" not in found["durations"]
+
+
+async def test_throughput_counts_finished_tasks_per_minute_over_the_window(engine):
+    moment = database.now().replace(second=30, microsecond=0)
+    async with engine.begin() as conn:
+        for task_id, status, minutes_ago in (
+                ("a", "completed", 0), ("b", "completed", 0), ("c", "failed", 0),
+                ("d", "completed", 2), ("e", "cancelled", 2), ("f", "completed", 5),
+                ("g", "running", 0)):
+            finished = moment - timedelta(minutes=minutes_ago)
+            await conn.execute(database.tasks.insert().values(
+                task_id=task_id, service="echo", status=status, attempts=1,
+                created_at=finished - timedelta(seconds=1),
+                finished_at=None if status == "running" else finished))
+        found = await metrics.throughput(conn, minutes=3, until=moment)
+    # This minute and the two before it.
+    assert [(m["completed"], m["failed"], m["cancelled"]) for m in found] == [
+        (1, 0, 1), (0, 0, 0), (2, 1, 0)]
+    starts = [datetime.fromisoformat(m["minute"]) for m in found]
+    first = moment.replace(second=0) - timedelta(minutes=2)
+    assert starts == [first + timedelta(minutes=n) for n in range(3)]

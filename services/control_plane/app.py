@@ -277,6 +277,11 @@ async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage
                 return await counters.read(conn), False
             case "get_metrics":
                 return await metrics.read(conn), False
+            case "get_throughput":
+                return await metrics.throughput(conn, query.minutes), False
+            case "list_events":
+                return await state.events_of(
+                    conn, _required(query.task_id, "task_id"), query.after, query.limit), False
             case "create_session":
                 return await sessions.create(conn, query.session_id), False
             case "get_session":

@@ -7,7 +7,7 @@ Every write is idempotent on the message's own ids, so a redelivered message cha
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, text, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import (
@@ -28,6 +28,7 @@ from ..database import (
     attempt_errors,
     dead_letters,
     dialect_insert,
+    dispatches,
     events,
     inbox,
     instances,
@@ -252,6 +253,19 @@ async def watch_stream(
     return task_view(row), [{"index": idx, "event": event} for idx, event in stored]
 
 
+async def events_of(
+    conn: AsyncConnection, task_id: str, after: int, limit: int
+) -> list[dict[str, Any]]:
+    """A task's stored events after `after`, with when each was stored (the dashboard's
+    timeline): [{"index", "event", "at"}]."""
+    stored = await conn.execute(
+        select(events.c.idx, events.c.event, events.c.created_at)
+        .where(events.c.task_id == task_id, events.c.idx > after)
+        .order_by(events.c.idx).limit(limit)
+    )
+    return [{"index": idx, "event": event, "at": _iso(at)} for idx, event, at in stored]
+
+
 async def record_sent_event(conn: AsyncConnection, sent: SendEvent, message_id: str) -> int:
     """Keep an event sent into a task in its inbox; returns its position there.
 
@@ -403,11 +417,23 @@ async def service_of(conn: AsyncConnection, task_id: str) -> str:
 
 
 async def get_task(conn: AsyncConnection, task_id: str) -> dict[str, Any] | None:
-    """The task's record, with every failed attempt's error."""
+    """The task's record, with every failed attempt's error and its trace id (None until
+    it is dispatched, or when the orchestrator does not trace)."""
     row = (await conn.execute(select(tasks).where(tasks.c.task_id == task_id))).first()
     if row is None:
         return None
-    return task_view(row) | {"errors": await errors_of(conn, task_id)}
+    carrier = (await conn.execute(
+        select(dispatches.c.trace).where(dispatches.c.task_id == task_id))).scalar_one_or_none()
+    return task_view(row) | {"errors": await errors_of(conn, task_id),
+                             "trace_id": trace_id(carrier)}
+
+
+def trace_id(carrier: dict[str, str] | None) -> str | None:
+    """The trace id in a stored W3C trace context (`traceparent: 00-<trace id>-<span>-01`)."""
+    parts = (carrier or {}).get("traceparent", "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and parts[1].strip("0"):
+        return parts[1]
+    return None
 
 
 async def watch_task(
@@ -436,6 +462,9 @@ async def list_tasks(conn: AsyncConnection, query: Query) -> list[dict[str, Any]
         statement = statement.where(tasks.c.session_id == query.session_id)
     if query.owner:
         statement = statement.where(tasks.c.publisher_id == query.owner)
+    if query.search:
+        statement = statement.where(or_(tasks.c.task_id.icontains(query.search, autoescape=True),
+                                        tasks.c.service.icontains(query.search, autoescape=True)))
     return [task_view(row) for row in await conn.execute(statement)]
 
 

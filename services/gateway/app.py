@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from conveyor import Client, PublishFailed, QueryFailed
 
-from . import events, metrics
+from . import dashboard, events, metrics
 from .protocol import (
     CONVEYOR_STATUSES,
     FINISHED,
@@ -70,16 +70,24 @@ def create_app(settings: GatewaySettings, client: Client | None = None) -> FastA
     _add_error_handlers(app)
     _add_workflow_routes(app)
     _add_handler_routes(app)
+    app.include_router(dashboard.router(settings))
     return app
 
 
+# A browser cannot send a header when it opens a page, so the dashboard's page and script
+# (static, no data in them) are served without the token; the data they fetch is not.
+PUBLIC = frozenset({"/health"}) | dashboard.PUBLIC
+
+
 def _bearer_check(token: str):
-    """Every route but /health (the docs and /openapi.json too) wants the token."""
+    """Every route but /health and the dashboard's static page (the docs and /openapi.json
+    too) wants the token."""
     expected = f"Bearer {token}".encode()
 
     async def check(request: Request, call_next):
         given = request.headers.get("authorization", "").encode()
-        if request.url.path != "/health" and not secrets.compare_digest(given, expected):
+        public = (request.url.path.rstrip("/") or "/") in PUBLIC  # /dashboard/ redirects
+        if not public and not secrets.compare_digest(given, expected):
             return JSONResponse({"detail": "missing or wrong bearer token: send "
                                  "'Authorization: Bearer <CONVEYOR_GATEWAY_TOKEN>'"},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -103,6 +111,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PublishFailed)
     async def broker_away(request: Request, exc: PublishFailed) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(QueryFailed)
+    async def query_failed(request: Request, exc: QueryFailed) -> JSONResponse:
+        return JSONResponse({"detail": f"the control plane could not answer: {exc}"},
+                            status_code=502)
 
 
 def client_of(request: Request) -> Client:

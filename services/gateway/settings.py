@@ -12,5 +12,8 @@ class GatewaySettings(Settings):
         default="", description="origins (comma-separated, or *) a browser page may call "
         "the gateway from; none when empty")
     gateway_token: SecretStr | None = Field(
-        default=None, description="when set, every route but /health demands "
-        "`Authorization: Bearer <token>`")
+        default=None, description="when set, every route but /health and the dashboard's "
+        "page (its data routes do) demands `Authorization: Bearer <token>`")
+    jaeger_ui_url: str | None = Field(
+        default=None, description="the Jaeger UI's address (e.g. http://localhost:16686): "
+        "the dashboard links each traced task to `<address>/trace/<trace id>`")
