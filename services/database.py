@@ -9,6 +9,8 @@ the task, and writes the session's state back when the task has run.
 
 import asyncio
 import contextlib
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -245,12 +247,36 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
     cursor.close()
 
 
+BUSY_TIMEOUT = 10.0  # seconds a transaction waits for SQLite's write lock
+
+
 def _sqlite_begin(connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    """BEGIN IMMEDIATE, waiting for the write lock another process holds.
+
+    Run on a thread (see SQLiteStore). SQLite's own busy handler sleeps 1, 2, 5, 10 ms and
+    more between tries, so a lock held for half a millisecond costs its waiter several:
+    the lock is tried here every 0.1 to 1 ms instead.
+    """
+    cursor = connection.connection.driver_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline, pause = time.monotonic() + BUSY_TIMEOUT, 0.0001
+        while True:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 0.001)
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+        cursor.close()
 
 
 async def _on_thread(fn: Callable[[], Any]) -> Any:
