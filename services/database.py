@@ -240,57 +240,45 @@ def async_url(state_url: str) -> str:
     )
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    # Let SQLAlchemy, not the driver, begin transactions, so that _sqlite_begin can make
-    # every one BEGIN IMMEDIATE: writers queue for the lock instead of racing on stale reads.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
-    cursor.close()
-
-
 BUSY_TIMEOUT = 10.0  # seconds a transaction waits for SQLite's write lock
 
 
-def _sqlite_begin(connection) -> None:
-    """BEGIN IMMEDIATE, waiting for the write lock another process holds.
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # Let SQLAlchemy, not the driver, begin transactions, so that SQLiteStore can make
+    # every one BEGIN IMMEDIATE: writers queue for the lock instead of racing on stale reads.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    # From here on nothing waits inside SQLite: _begin_immediate tries the lock itself.
+    cursor.execute("PRAGMA busy_timeout=0")
+    cursor.close()
 
-    Run on a thread (see SQLiteStore). SQLite's own busy handler sleeps 1, 2, 5, 10 ms and
-    more between tries, so a lock held for half a millisecond costs its waiter several:
-    the lock is tried here every 0.1 to 1 ms instead.
+
+async def _begin_immediate(connection: Connection) -> None:
+    """BEGIN IMMEDIATE, waiting for the write lock another process may hold.
+
+    With no busy timeout the attempt takes the lock or fails at once, so it runs on the
+    event loop, and is tried again every 0.1 to 1 ms: SQLite's own busy handler sleeps 1, 2,
+    5, 10 ms and more between tries (a lock held for half a millisecond cost its waiter
+    several), and a driver thread costs a round trip (and the GIL) on every statement.
     """
     cursor = connection.connection.driver_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout=0")
     try:
         deadline, pause = time.monotonic() + BUSY_TIMEOUT, 0.0001
         while True:
             try:
                 cursor.execute("BEGIN IMMEDIATE")
-                return
+                break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
-            time.sleep(pause)
+            await asyncio.sleep(pause)
             pause = min(2 * pause, 0.001)
     finally:
-        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         cursor.close()
-
-
-async def _on_thread(fn: Callable[[], Any]) -> Any:
-    """fn() on a thread. Cancelled meanwhile, this still waits for it (a BEGIN that takes
-    the write lock must not be left behind unseen) before raising CancelledError."""
-    running = asyncio.ensure_future(asyncio.to_thread(fn))
-    try:
-        return await asyncio.shield(running)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            result = await running
-            if isinstance(result, Connection):
-                result.close()
-        raise
+    connection.begin()  # SQLAlchemy's own account of it; the driver sends nothing more
 
 
 class SQLiteConnection:
@@ -307,8 +295,7 @@ class SQLiteConnection:
         self.dialect = connection.dialect
 
     async def begin(self) -> None:
-        """BEGIN IMMEDIATE, waiting for the write lock on a thread."""
-        await _on_thread(self.sync_connection.begin)
+        await _begin_immediate(self.sync_connection)
 
     async def commit(self) -> None:
         self.sync_connection.commit()
@@ -331,24 +318,22 @@ class SQLiteStore:
     """A SQLite state store with AsyncEngine's `begin`, `connect` and `dispose`.
 
     A process runs one transaction at a time (SQLite has one writer anyway); waiting for
-    the database's write lock, which another process may hold, is done on a thread, so the
-    event loop never blocks on it.
+    the write lock another process holds never blocks the event loop.
     """
 
     def __init__(self, url: str) -> None:
-        self.sync_engine: Engine = create_engine(
-            url, connect_args={"check_same_thread": False}, pool_pre_ping=False)
+        self.sync_engine: Engine = create_engine(url, pool_pre_ping=False)
         self.dialect = self.sync_engine.dialect
         event.listen(self.sync_engine, "connect", _sqlite_pragmas)
-        event.listen(self.sync_engine, "begin", _sqlite_begin)
         self._turn = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[SQLiteConnection]:
         """A transaction, committed when the block ends, rolled back when it raises."""
         async with self._turn:
-            connection = await _on_thread(self._begun)
+            connection = self.sync_engine.connect()
             try:
+                await _begin_immediate(connection)
                 yield SQLiteConnection(connection)
                 connection.commit()
             finally:
@@ -359,20 +344,11 @@ class SQLiteStore:
         """A connection whose transaction begins with its first statement (or `begin()`)
         and is rolled back at the end unless committed."""
         async with self._turn:
-            connection = await _on_thread(self.sync_engine.connect)
+            connection = self.sync_engine.connect()
             try:
                 yield SQLiteConnection(connection)
             finally:
                 connection.close()
-
-    def _begun(self) -> Connection:
-        connection = self.sync_engine.connect()
-        try:
-            connection.begin()  # BEGIN IMMEDIATE: waits for the write lock here, on a thread
-        except BaseException:
-            connection.close()
-            raise
-        return connection
 
     async def dispose(self) -> None:
         async with self._turn:
