@@ -255,6 +255,12 @@ async def publish(
     """
     body = encode(message)
     try:
+        # The first try goes without building a retrier: a publish seldom meets an outage.
+        await _send(broker, settings, body, message.id, topic, key, partition)
+        return
+    except UNREACHABLE as exc:
+        _quiet.warning("publish failed (%s: %s); retrying", type(exc).__name__, exc)
+    try:
         async for attempt in AsyncRetrying(
             stop=stop_after_delay(settings.publish_timeout),
             wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.2),

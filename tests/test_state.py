@@ -30,6 +30,7 @@ from conveyor.contracts import (
 from conveyor.services import database
 from conveyor.services.control_plane import metrics, state
 from conveyor.services.orchestrator import state as orchestrator_state
+from conveyor.services.runtime.starting_point import starting_point
 
 # Where the throwaway databases are created; an existing database to connect to first.
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -536,6 +537,23 @@ async def test_claim_first_dispatch_once_per_task(engine):
             )
         ).one()
     assert (row.service, row.attempt, row.finished) == ("echo", 1, False)
+
+
+async def test_a_duplicate_new_task_finds_its_dispatch_untaken_until_a_worker_claims_it(engine):
+    # The orchestrator commits the dispatch before publishing it: a NEW_TASK delivered again
+    # (the orchestrator stopped in between) has it published again while no worker has it.
+    task = new_task()
+    async with engine.begin() as conn:
+        assert (await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")).new is True
+    async with engine.begin() as conn:
+        again = await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+    assert (again.new, again.untaken) == (False, True)
+    async with engine.begin() as conn:
+        start = await starting_point(conn, task, 1, "i1", b"key", 30.0)
+    assert start.skip is None
+    async with engine.begin() as conn:
+        again = await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+    assert (again.new, again.untaken) == (False, False)
 
 
 async def test_tasks_of_one_session_are_dispatched_one_at_a_time_in_order(engine):

@@ -76,20 +76,23 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 conn, task.task_id, task.service, task.parent_task_id,
                 task.model_dump(mode="json"), telemetry.carrier(), task.session_id,
                 known.get(task.service))
-            if not claim.new:
-                log.info("task %s was dispatched before; duplicate ignored", task.task_id)
-                return
-            if claim.held:
-                log.info("task %s waits for the task before it in its session or for room in "
-                         "service %s", task.task_id, task.service)
-                return
-            message = DispatchTaskMessage(
-                type=task.service, publisher_id=publisher_id,
-                data=DispatchTask(task=task, attempt=1),
-            )
-            # Published inside the transaction: the claim commits only once the broker has it.
-            await publish(broker, settings, message, service_topic(ns, task.service),
-                          key=task.task_id)
+        if not claim.new and not claim.untaken:
+            log.info("task %s was dispatched before; duplicate ignored", task.task_id)
+            return
+        if claim.held:
+            log.info("task %s waits for the task before it in its session or for room in "
+                     "service %s", task.task_id, task.service)
+            return
+        # Published after the commit, so that the worker taking it finds the dispatch at
+        # once. Should this process stop in between (or the publish fail), the NEW_TASK is
+        # not acknowledged: delivered again, it finds the dispatch untaken and sends it again
+        # (a worker runs an attempt once however many copies of its dispatch arrive).
+        message = DispatchTaskMessage(
+            type=task.service, publisher_id=publisher_id,
+            data=DispatchTask(task=task, attempt=1),
+        )
+        await publish(broker, settings, message, service_topic(ns, task.service),
+                      key=task.task_id)
 
     async def fail_unknown(task: NewTask, body: bytes) -> None:
         error = UnknownService(f"no service named {task.service!r} is registered")

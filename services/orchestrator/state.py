@@ -12,6 +12,9 @@ from ..database import dialect_insert, dispatches, now, services
 class Claim(NamedTuple):
     new: bool  # False: the task was dispatched before (a duplicate)
     held: bool = False  # it waits: for the task before it in its session, or for room
+    # A duplicate whose first attempt no worker has taken yet: its dispatch may not have
+    # reached the broker (the orchestrator stopped between its commit and its publish).
+    untaken: bool = False
 
 
 async def claim_first_dispatch(
@@ -34,7 +37,13 @@ async def claim_first_dispatch(
                 dispatched_at=now())
         .on_conflict_do_nothing()
     )
-    return Claim(result.rowcount == 1, held)
+    if result.rowcount == 1:
+        return Claim(True, held)
+    row = (await conn.execute(
+        select(dispatches.c.attempt, dispatches.c.held, dispatches.c.instance_id)
+        .where(*_open(task_id), dispatches.c.paused.is_(False)))).first()
+    untaken = row is not None and row.attempt == 1 and not row.held and row.instance_id is None
+    return Claim(False, untaken=untaken)
 
 
 async def _decide_alone(conn: AsyncConnection) -> None:

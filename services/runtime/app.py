@@ -194,9 +194,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             await reported(conn, task.task_id, dispatch.attempt, instance_id)
 
     async def claim(dispatch: DispatchTask) -> StartingPoint:
-        """Claim the attempt. The orchestrator commits its dispatch just after the broker has
-        the message, or rolls it back (and dispatches again) when its connection dropped
-        meanwhile: a dispatch not in the state store yet is looked for again for a while."""
+        """Claim the attempt. The orchestrator commits a first dispatch before publishing it,
+        and a later attempt just after the broker has it (or rolls it back, to dispatch it
+        again, when its connection dropped meanwhile): a dispatch not in the state store
+        yet is looked for again for a while."""
         for pause in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 0):
             async with engine.begin() as conn:
                 start = await starting_point(conn, dispatch.task, dispatch.attempt, instance_id,
