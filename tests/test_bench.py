@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BROKERS = ["rabbit", "kafka"]
 PARTS = ["control-plane", "orchestrator", "service", "broker"]
-# The points (a) to (f), figure by figure.
+# The README's points (a) to (g), figure by figure.
 FIGURES = [
     "hop_p50", "hop_p99", "workflow_p50", "workflow_p99", "physical_path",
     "client_p50", "client_p95", "client_p99", "raw_p50", "raw_p95", "raw_p99",
@@ -20,17 +20,18 @@ FIGURES = [
     "up_to_first_task",
     *[f"rss_{state}_{part}" for state in ("idle", "load") for part in PARTS],
     "resume_after_kill9",
+    *[f"scaling_tps_{replicas}" for replicas in (1, 2, 4)],
 ]
 
 
 @pytest.mark.rabbit
 @pytest.mark.kafka
-@pytest.mark.timeout(960)
+@pytest.mark.timeout(1140)
 def test_bench_quick_produces_every_figure_for_both_brokers_and_loses_no_task(rabbit_url,
                                                                              tmp_path):
     path = tmp_path / "bench.json"
     run = subprocess.run([str(ROOT / "tools" / "bench"), "--quick", "--json", str(path)],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=1080)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     report = json.loads(path.read_text())
     figures = report["figures"]

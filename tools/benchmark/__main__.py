@@ -18,6 +18,7 @@ from conveyor import embedded_broker
 from .floor import HOPS, HOPS_WHY
 from .report import BROKERS, Results
 from .run import FULL, HEARTBEAT, QUICK, bench_broker
+from .scaling import KAFKA_PARTITIONS, MAX_CONCURRENT_TASKS
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -66,7 +67,9 @@ def main() -> int:
     results = Results(mode="quick" if args.quick else "full", repetitions=0, sizes={})
     results.meta = {"hops_on_critical_path": HOPS, "hops_why": HOPS_WHY,
                     "recovery_heartbeat_interval": float(HEARTBEAT["CONVEYOR_HEARTBEAT_INTERVAL"]),
-                    "recovery_heartbeat_timeout": float(HEARTBEAT["CONVEYOR_HEARTBEAT_TIMEOUT"])}
+                    "recovery_heartbeat_timeout": float(HEARTBEAT["CONVEYOR_HEARTBEAT_TIMEOUT"]),
+                    "scaling_max_concurrent_tasks": MAX_CONCURRENT_TASKS,
+                    "scaling_kafka_partitions": KAFKA_PARTITIONS}
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
     uvloop.run(run_all(brokers, args, results, workdir, say))
     table = Console()

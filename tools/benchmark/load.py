@@ -29,15 +29,15 @@ async def _outcome(client: Client, task_id: str, timeout: float, tally: Tally) -
 
 
 async def in_flight(client: Client, processes: dict[str, psutil.Process], total: int,
-                    width: int, tally: Tally, timeout: float) -> Load:
-    """`total` echo tasks, kept `width` at a time in flight (each finished one makes room
-    for the next)."""
+                    width: int, tally: Tally, timeout: float, service: str = "echo") -> Load:
+    """`total` tasks of the service (echo unless told), kept `width` at a time in flight
+    (each finished one makes room for the next)."""
     counter = iter(range(total))
 
     async def lane() -> None:
         for n in counter:
             tally.submitted += 1
-            task_id = await client.run_nowait("echo", n=n)
+            task_id = await client.run_nowait(service, n=n)
             await _outcome(client, task_id, timeout, tally)
 
     async def all_lanes() -> None:

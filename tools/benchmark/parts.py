@@ -19,6 +19,7 @@ from conveyor.services.settings import load
 
 TOOLS = Path(__file__).resolve().parent.parent
 ECHO = "conveyor.services.examples.echo:workflow"
+SLOW = "conveyor.services.examples.slow:workflow"
 RESUMABLE = "benchmark.workflows:resumable"
 
 
@@ -95,6 +96,20 @@ class Deployment:
                     if exc.error is None or exc.error.type != "UnknownService":
                         raise
                     await asyncio.sleep(0.3)
+
+    async def alive(self, client: Client, service: str, replicas: int,
+                    timeout: float = 120) -> None:
+        """Until the registry shows this many replicas of the service alive; it lags a
+        heartbeat behind the replicas themselves."""
+        async with asyncio.timeout(timeout):
+            while await alive_replicas(client, service) < replicas:
+                self.check_running()
+                await asyncio.sleep(0.2)
+
+
+async def alive_replicas(client: Client, service: str) -> int:
+    found = {s["name"]: s for s in await client.list_services()}.get(service)
+    return sum(i["alive"] for i in found["instances"]) if found else 0
 
 
 def stop_all(processes: list[subprocess.Popen], signum: int = signal.SIGTERM) -> None:

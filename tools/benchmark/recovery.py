@@ -15,21 +15,13 @@ from .workflows import starts
 SERVICE = "resumable"
 
 
-async def alive_replicas(client: Client) -> int:
-    found = {s["name"]: s for s in await client.list_services()}.get(SERVICE)
-    return sum(i["alive"] for i in found["instances"]) if found else 0
-
-
 async def two_replicas(deployment: Deployment, client: Client, timeout: float = 120) -> None:
     """Start replicas until two are alive, and run a task through them."""
     replicas = [p for p in deployment.processes if p.startswith(SERVICE)]
     for n in range(len(replicas), 2):
         deployment.serve(f"{SERVICE}-{time.monotonic_ns()}-{n}", RESUMABLE, SERVICE)
     await deployment.ready(client, SERVICE, timeout=timeout)
-    async with asyncio.timeout(timeout):
-        while await alive_replicas(client) < 2:  # the registry lags a heartbeat behind
-            deployment.check_running()
-            await asyncio.sleep(0.2)
+    await deployment.alive(client, SERVICE, 2, timeout=timeout)
 
 
 async def resume_after_kill9(deployment: Deployment, client: Client, log: Path, tally: Tally,

@@ -4,7 +4,10 @@ Rich table with the brokers side by side and written as JSON.
 The JSON file is one object:
 
     {"mode": "quick" | "full", "repetitions": 2,
-     "hops_on_critical_path": 4, "hops_why": "...", "heartbeat_timeout": 3.0,
+     "hops_on_critical_path": 4, "hops_why": "...", "recovery_heartbeat_interval": 0.5,
+     "recovery_heartbeat_timeout": 3.0,
+     "scaling_max_concurrent_tasks": 1, "scaling_kafka_partitions": 4,
+     "scaling_tasks_per_replica": {"<broker>": {"4": [51, 50, 50, 49]}},
      "sizes": {...the task counts used...},
      "figures": {"<figure>": {"<broker>": {"median": 1.2, "min": 1.0, "max": 1.5,
                                            "unit": "ms", "runs": [1.0, 1.2, 1.5]}}},
@@ -29,7 +32,7 @@ BROKERS = {"rabbit": "RabbitMQ", "kafka": "Kafka (tansu)"}
 PARTS = ["control-plane", "orchestrator", "service", "broker"]
 CPU_PARTS = [*PARTS, "client"]
 
-# (figure, what it is, unit), in the order of the points (a) to (f).
+# (figure, what it is, unit), in the order of the README's points (a) to (g).
 FIGURES: list[tuple[str, str, str]] = [
     ("hop_p50", "(a) bare FastStream hop p50", "ms"),
     ("hop_p99", "(a) bare FastStream hop p99", "ms"),
@@ -48,6 +51,8 @@ FIGURES: list[tuple[str, str, str]] = [
     *[(f"rss_idle_{p}", f"(e) RSS idle, {p}", "MB") for p in PARTS],
     *[(f"rss_load_{p}", f"(e) RSS under load (peak), {p}", "MB") for p in PARTS],
     ("resume_after_kill9", "(f) kill -9 of worker to attempt 2 started", "s"),
+    *[(f"scaling_tps_{n}", f"(g) scaling tasks/s, {n} replica{'s' if n > 1 else ''}",
+       "tasks/s") for n in (1, 2, 4)],
 ]
 UNITS = {name: unit for name, _, unit in FIGURES}
 

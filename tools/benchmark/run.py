@@ -1,7 +1,7 @@
 """One broker's part of a benchmark run: the floor; a deployment (control plane,
 orchestrator, one echo service, default settings) for latency, throughput and memory; a
-second one with two replicas of a service and short heartbeats for recovery; and last
-`conveyor up` from nothing."""
+second one with two replicas of a service and short heartbeats for recovery; `conveyor up`
+from nothing; and last one deployment for each count of `slow` replicas, for scaling."""
 
 import asyncio
 from dataclasses import asdict, dataclass
@@ -17,6 +17,7 @@ from .parts import ECHO, Deployment, PeakRss, broker_process, forget_namespace, 
 from .recovery import SERVICE as RESUMABLE_SERVICE
 from .recovery import resume_after_kill9
 from .report import Results
+from .scaling import scaling
 from .startup import up_to_first_task
 from .stats import Tally, percentile
 
@@ -35,15 +36,16 @@ class Sizes:
     in_flight_tasks: int  # ...until this many have run
     queued: int  # tasks published before any is awaited
     task_timeout: float  # seconds an outcome may take under load before it counts as lost
+    scaling_tasks: int  # tasks per replica count, kept `in_flight` at a time
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
 QUICK = Sizes(repetitions=2, hops=30, workflow_runs=30, sequential=20, in_flight=50,
-              in_flight_tasks=100, queued=100, task_timeout=120)
+              in_flight_tasks=100, queued=100, task_timeout=120, scaling_tasks=100)
 FULL = Sizes(repetitions=5, hops=500, workflow_runs=500, sequential=300, in_flight=1000,
-             in_flight_tasks=3000, queued=10_000, task_timeout=900)
+             in_flight_tasks=3000, queued=10_000, task_timeout=900, scaling_tasks=1000)
 
 
 async def bench_broker(broker: str, url: str, tansu, sizes: Sizes, results: Results,
@@ -65,6 +67,11 @@ async def bench_broker(broker: str, url: str, tansu, sizes: Sizes, results: Resu
             up_dir = workdir / f"up-{rep}"
             up_dir.mkdir()
             results.add("up_to_first_task", broker, await up_to_first_task(url, up_dir))
+        say.log(f"{broker}: scaling: 1, 2 and 4 replicas of a 20 ms step")
+        per_replica = await scaling(broker, url, sizes.scaling_tasks, sizes.in_flight,
+                                    sizes.repetitions, sizes.task_timeout, results, tally,
+                                    workdir, say)
+        results.meta.setdefault("scaling_tasks_per_replica", {})[broker] = per_replica
     finally:
         results.tasks[broker] = {"submitted": tally.submitted, "completed": tally.completed,
                                  "lost": tally.lost}
