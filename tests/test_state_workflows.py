@@ -19,7 +19,7 @@ from conveyor.services import checkpoints, counters, database, sessions
 from conveyor.services.control_plane import cleanup, state
 from conveyor.services.examples.counter import workflow as counter
 from conveyor.services.orchestrator import state as orchestrator_state
-from conveyor.services.runtime.starting_point import release, renew, starting_point
+from conveyor.services.runtime.starting_point import release, renew, reported, starting_point
 
 from . import test_state
 from .test_state import count, new_task, outcome
@@ -493,6 +493,22 @@ async def test_a_silent_attempt_moves_to_the_next_and_a_renewed_one_does_not(eng
         row = (await conn.execute(database.dispatches.select().where(
             database.dispatches.c.task_id == "silent"))).one()
     assert (row.attempt, row.finished, row.started_at) == (2, False, None)
+
+
+async def test_an_attempt_whose_outcome_is_reported_is_neither_swept_nor_claimed_again(engine):
+    task = new_task().model_dump(mode="json")
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo", task=task)
+        await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
+        await reported(conn, "t1", 1, "i-1")
+        await conn.execute(database.dispatches.update().values(
+            heartbeat_at=database.now() - timedelta(seconds=60)))
+    async with engine.begin() as conn:
+        # The orchestrator has not read the outcome yet; its dispatch comes again (a Kafka
+        # rebalance) to another replica, long after the lease would have expired.
+        assert await orchestrator_state.take_expired(conn, timeout=10) == []
+        again = await starting_point(conn, new_task(), 1, "i-2", KEY, LEASE)
+    assert again.skip == "it has ended"
 
 
 # TTLs

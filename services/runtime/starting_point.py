@@ -39,7 +39,7 @@ async def starting_point(
         update(dispatches)
         .where(dispatches.c.task_id == task.task_id, dispatches.c.attempt == attempt,
                dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
-               dispatches.c.paused.is_(False),
+               dispatches.c.paused.is_(False), dispatches.c.reported_at.is_(None),
                or_(dispatches.c.instance_id.is_(None), dispatches.c.instance_id == instance_id,
                    dispatches.c.heartbeat_at < now() - timedelta(seconds=lease_timeout)))
         .values(instance_id=instance_id, started_at=now(), heartbeat_at=now())
@@ -74,7 +74,7 @@ async def _why_not(conn: AsyncConnection, task_id: str, attempt: int) -> tuple[s
         # The orchestrator published attempt `attempt` inside its transaction: committed
         # after this claim looked. The caller looks again.
         return f"attempt {attempt} is not committed yet (attempt {row.attempt} is)", False
-    if row.finished:
+    if row.finished or row.reported_at is not None:
         return "it has ended", True
     if row.instance_id is None:
         # Committed after the claim looked: on PostgreSQL each statement reads the rows
