@@ -133,4 +133,6 @@ async def test_replicas_come_and_go_under_load_and_every_task_completes_once(
     # A task runs to completion twice only when the replica of its first run was killed.
     assert {pid for earlier in again.values() for pid in earlier} <= killed
     assert streams == [[(0, 0), (1, 1), (2, 2)]] * len(sample)
-    assert len([name for name in shared if name.startswith("work")]) >= 4
+    # The three first replicas shared the work (how much a replica added later gets depends
+    # on how much is left when it is up: printed, not asserted).
+    assert {"work", "work#2", "work#3"} <= set(shared)
