@@ -314,8 +314,9 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         while True:
             await asyncio.sleep(settings.heartbeat_interval)
             try:
-                async with engine.begin() as conn:
-                    await renew(conn, instance_id, dict(running))
+                if running:  # an idle replica takes no write lock
+                    async with engine.begin() as conn:
+                        await renew(conn, instance_id, dict(running))
             except Exception as exc:  # the next beat tries again, well within the timeout
                 log.warning("leases not renewed: %s", exc)
             beat = Heartbeat(
