@@ -18,6 +18,7 @@ from typing import Any
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from aiormq.exceptions import ChannelInvalidStateError
 from faststream import AckPolicy
+from faststream.exceptions import NackMessage
 from faststream.kafka import KafkaBroker, TopicPartition
 from faststream.kafka.schemas import Topic
 from faststream.message import StreamMessage
@@ -145,9 +146,17 @@ def subscribe(
 POISON_AFTER = 5  # failures of one message before it is dead-lettered
 
 
-class Redeliver(Exception):  # noqa: N818 (an instruction, not an error)
+class Redeliver(NackMessage):
     """Raised by a handler to hand its message back to the broker, to be delivered to
-    another consumer of the group (a replica shutting down does so). Never poison."""
+    another consumer of the group (a replica shutting down does so). Never poison, and
+    logged as what it is, not as an error with a traceback."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} handed back to the broker"
 
 
 def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):

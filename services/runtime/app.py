@@ -92,9 +92,9 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         await publish(broker, settings, message, to, key=key)
 
     async def run(dispatch: DispatchTask) -> None:
-        """Run an attempt, holding its lease (renewed by the heartbeats) until its outcome
-        is with the broker and marked reported, or until it lets go."""
-        running[dispatch.task.task_id] = dispatch.attempt
+        """Run an attempt, holding its lease (renewed by the heartbeats, which report it as
+        running here) from its claim until its outcome is with the broker and marked
+        reported, or until it lets go."""
         try:
             await run_attempt(dispatch)
         finally:
@@ -131,6 +131,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                          start.skip)
                 forget_job(task.task_id, asyncio.current_task())  # a later dispatch may run
                 return
+            running[task.task_id] = dispatch.attempt
             resumed = start.checkpoint
             if resumed is not None:
                 index = resumed.streamed
