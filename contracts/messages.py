@@ -176,6 +176,11 @@ class CompletedTask(Payload):
     steps: dict[str, list[float]] = Field(
         default_factory=dict, description="seconds each run of each step took (last attempt)"
     )
+    replied: bool = Field(
+        default=False,
+        description="the worker sent this outcome to reply_to itself, in the same publish "
+        "as to the control plane (the control plane does not send it there again)",
+    )
 
 
 # Service registry

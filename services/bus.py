@@ -253,8 +253,13 @@ async def publish(
     *,
     key: str | None = None,
     partition: int | None = None,
+    copy_to: str | None = None,
 ) -> None:
     """Publish durably: confirmed by RabbitMQ, or acknowledged by all Kafka replicas.
+
+    `copy_to` delivers the same message to a second topic: on RabbitMQ in the same publish
+    (the CC header: one message, one confirm, routed to both keys), on Kafka as a second
+    send in flight beside the first.
 
     `partition` pins a Kafka message to one partition: for topics every instance reads
     whole (a broadcast), which are read from partition 0. While the broker is unreachable
@@ -265,7 +270,7 @@ async def publish(
     body = encode(message)
     try:
         # The first try goes without building a retrier: a publish seldom meets an outage.
-        await _send(broker, settings, body, message.id, topic, key, partition)
+        await _send(broker, settings, body, message.id, topic, key, partition, copy_to)
         return
     except UNREACHABLE as exc:
         _quiet.warning("publish failed (%s: %s); retrying", type(exc).__name__, exc)
@@ -277,7 +282,7 @@ async def publish(
             before_sleep=_retrying,
         ):
             with attempt:
-                await _send(broker, settings, body, message.id, topic, key, partition)
+                await _send(broker, settings, body, message.id, topic, key, partition, copy_to)
     except RetryError as exc:
         last = exc.last_attempt.exception()
         raise PublishFailed(
@@ -303,7 +308,7 @@ def _retrying(state: RetryCallState) -> None:
 
 
 async def _send(broker: Broker, settings: Settings, body: bytes, message_id: str, topic: str,
-                key: str | None, partition: int | None) -> None:
+                key: str | None, partition: int | None, copy_to: str | None = None) -> None:
     if isinstance(broker, RabbitBroker):
         await broker.publish(
             body,
@@ -313,12 +318,12 @@ async def _send(broker: Broker, settings: Settings, body: bytes, message_id: str
             message_id=message_id,
             content_type="application/json",
             mandatory=False,
+            # Sender-selected distribution: also routed with these keys, in one publish.
+            headers={"CC": [copy_to]} if copy_to else None,
         )
-    else:
-        await broker.publish(
-            body,
-            topic=topic,
-            key=key.encode() if key else None,
-            partition=partition,
-            headers={"content-type": "application/json"},
-        )
+        return
+    sends = [broker.publish(body, topic=to, key=key.encode() if key else None,
+                            partition=partition if to == topic else None,
+                            headers={"content-type": "application/json"})
+             for to in (topic, copy_to) if to]
+    await asyncio.gather(*sends)

@@ -83,12 +83,13 @@ def raw_publisher(deployment, reply_to: str):
     return kind(deployment.broker_url, deployment.namespace, reply_to)
 
 
-def new_task(service: str, reply_to: str, task_id: str | None = None, **input) -> bytes:
+def new_task(service: str, reply_to: str, task_id: str | None = None, stream: bool = False,
+             **input) -> bytes:
     message = {
         "id": uuid.uuid4().hex, "type": "control_plane", "action": "new_task",
         "publisher_id": "billing-system",
         "data": {"task_id": task_id, "service": service, "input": input,
-                 "reply_to": reply_to, "stream": False},
+                 "reply_to": reply_to, "stream": stream},
     }
     if task_id is None:
         del message["data"]["task_id"]
@@ -115,6 +116,32 @@ async def test_a_raw_json_new_task_gets_its_outcome_on_reply_to(deployment):
     assert outcome["data"]["service"] == "echo"
     assert outcome["data"]["result"] == {"echo": {"arg1": "hello"}}
     assert outcome["data"]["error"] is None
+
+
+async def test_the_outcome_reaches_reply_to_once_and_is_on_record_when_it_does(deployment):
+    """A plain task's worker sends its outcome to reply_to in the publish that takes it to
+    the control plane; a streaming task's events and outcome come through the control plane,
+    events first. Either way the requester gets one outcome, and a query sent once it has
+    it finds the task recorded as completed."""
+    reply_to = f"{deployment.namespace}.replies.once"
+    async with raw_publisher(deployment, reply_to) as (send, received), \
+            deployment.client() as client:
+        await send(new_task("echo", reply_to, task_id=f"plain-{uuid.uuid4().hex[:8]}"))
+        plain = await outcome_of(received)
+        record = await client.get_task(plain["data"]["task_id"])
+        await send(new_task("echo", reply_to, task_id=f"streamed-{uuid.uuid4().hex[:8]}",
+                            stream=True, events=3))
+        streamed = []
+        while not streamed or streamed[-1]["action"] != "completed_task":
+            streamed.append(await asyncio.wait_for(received.get(), 30))
+        await asyncio.sleep(1.0)
+        extra = _drain(received)
+    assert plain["data"]["replied"] is True  # from the worker, one hop sooner
+    assert record["status"] == "completed"
+    assert [m["action"] for m in streamed] == ["task_stream"] * 3 + ["completed_task"]
+    assert [m["data"]["index"] for m in streamed[:3]] == [0, 1, 2]
+    assert streamed[-1]["data"]["replied"] is False  # through the control plane, in order
+    assert extra == []
 
 
 async def test_the_same_task_id_published_twice_runs_once(deployment, tmp_path):

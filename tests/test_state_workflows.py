@@ -511,6 +511,24 @@ async def test_an_attempt_whose_outcome_is_reported_is_neither_swept_nor_claimed
     assert again.skip == "it has ended"
 
 
+async def test_only_the_current_uncancelled_attempt_may_report_its_outcome(engine):
+    """The worker replies to the requester itself only when this mark takes."""
+    task = new_task().model_dump(mode="json")
+    async with engine.begin() as conn:
+        for task_id in ("current", "replaced", "cancelled"):
+            await orchestrator_state.claim_first_dispatch(conn, task_id, "echo",
+                                                          task={**task, "task_id": task_id})
+            await starting_point(conn, new_task(task_id=task_id), 1, "i-1", KEY, LEASE)
+        await conn.execute(database.dispatches.update().values(attempt=2).where(
+            database.dispatches.c.task_id == "replaced"))
+        await orchestrator_state.cancel(conn, "cancelled")
+    async with engine.begin() as conn:
+        assert await reported(conn, "current", 1, "i-1") is True
+        assert await reported(conn, "current", 1, "i-2") is False  # not its holder
+        assert await reported(conn, "replaced", 1, "i-1") is False
+        assert await reported(conn, "cancelled", 1, "i-1") is False
+
+
 # TTLs
 
 

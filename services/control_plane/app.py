@@ -342,9 +342,10 @@ async def _replay(broker: Broker, settings: Settings, engine: AsyncEngine,
 async def _tell_outcome(
     broker: Broker, settings: Settings, message: CompletedTaskMessage, waiting: list[dict]
 ) -> None:
-    """Send the stored outcome to the task's reply_to and to everyone waiting on it."""
+    """Send the stored outcome to the task's reply_to (unless its worker did) and to
+    everyone waiting on it."""
     outcome = message.data
-    if outcome.reply_to:
+    if outcome.reply_to and not outcome.replied:
         await publish(broker, settings, message, outcome.reply_to, key=outcome.task_id)
     for watcher in waiting:
         if watcher["kind"] == "stream":

@@ -185,14 +185,25 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             runs.pop(task.task_id, None)
         outcome.events = index
         outcome.steps = task_run.steps if task_run else {}
-        await emit(
-            CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome),
-            topic(ns, CONTROL_PLANE), task.task_id,
-        )
-        # The outcome is durable now: its lease need not be watched while the orchestrator
-        # gets to it, however far behind it is.
+        await report(outcome, streamed=task.stream)
+
+    async def report(outcome: CompletedTask, streamed: bool) -> None:
+        """Publish an outcome to the control plane and, when its task streams nothing there
+        (the control plane keeps events and outcome in order), to its reply_to in the same
+        publish: the requester hears of it one hop sooner. Only while this attempt is still
+        the task's, not cancelled: the attempt is marked reported in the transaction that
+        spans the publish, which the orchestrator's cancel and sweep wait for. A replaced or
+        cancelled attempt's outcome goes to the control plane alone, which counts and drops
+        it. Once marked, the lease is no longer watched, however late the orchestrator
+        reads the outcome."""
+        message = CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id,
+                                       data=outcome)
         async with engine.begin() as conn:
-            await reported(conn, task.task_id, dispatch.attempt, instance_id)
+            current = await reported(conn, outcome.task_id, outcome.attempt, instance_id)
+            outcome.replied = bool(current and outcome.reply_to and not streamed)
+            await publish(broker, settings, message, topic(ns, CONTROL_PLANE),
+                          key=outcome.task_id,
+                          copy_to=outcome.reply_to if outcome.replied else None)
 
     async def claim(dispatch: DispatchTask) -> StartingPoint:
         """Claim the attempt. The orchestrator commits a first dispatch before publishing it,

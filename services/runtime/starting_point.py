@@ -109,12 +109,17 @@ async def renew(conn: AsyncConnection, instance_id: str, running: Mapping[str, i
     )
 
 
-async def reported(conn: AsyncConnection, task_id: str, attempt: int, instance_id: str) -> None:
-    """This instance has published the attempt's outcome (the broker confirmed it): the
-    orchestrator's sweep leaves the attempt alone from now on."""
-    await conn.execute(
+async def reported(conn: AsyncConnection, task_id: str, attempt: int, instance_id: str) -> bool:
+    """Mark the attempt's outcome (or its retry) reported, in the transaction that spans its
+    publish: the orchestrator's sweep leaves it alone from then on, and a cancel that
+    comes meanwhile waits for the commit (its outcome then reaches the control plane second,
+    and is not taken). False when the attempt is no longer this instance's to report:
+    replaced, cancelled or ended meanwhile."""
+    marked = await conn.execute(
         update(dispatches)
         .where(dispatches.c.task_id == task_id, dispatches.c.attempt == attempt,
-               dispatches.c.instance_id == instance_id)
+               dispatches.c.instance_id == instance_id, dispatches.c.finished.is_(False),
+               dispatches.c.cancelled.is_(False))
         .values(reported_at=now())
     )
+    return marked.rowcount == 1

@@ -19,13 +19,14 @@ from conveyor.services.examples.echo import workflow
 from .brokers import LOGGING, create_topic, kafka_servers, raw_body
 
 # Conveyor's critical path ("How a task travels"): client -> <ns>.control_plane (the
-# orchestrator's group), orchestrator -> <ns>.echo (a replica), worker -> <ns>.control_plane
-# (the recorder's group), control plane -> reply_to. The control plane records the NEW_TASK
-# beside the dispatch, not before it, and heartbeats are off the path: four hops.
-HOPS = 4
+# orchestrator's group), orchestrator -> <ns>.echo (a replica), worker -> reply_to, in the
+# same publish as to <ns>.control_plane (the recorder's group). The control plane records
+# the NEW_TASK beside the dispatch and the outcome beside the reply, and heartbeats are off
+# the path: three hops.
+HOPS = 3
 HOPS_WHY = ("client -> control_plane topic -> orchestrator -> service topic -> worker -> "
-            "control_plane topic -> control plane -> reply_to: 4 hops (recording the "
-            "NEW_TASK runs beside the dispatch, off the path)")
+            "reply_to: 3 hops (the control plane records the NEW_TASK beside the dispatch "
+            "and the outcome beside the reply, off the path)")
 
 Hop = Callable[[], Awaitable[float]]
 

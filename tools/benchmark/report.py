@@ -4,7 +4,7 @@ Rich table with the brokers side by side and written as JSON.
 The JSON file is one object:
 
     {"mode": "quick" | "full", "repetitions": 2,
-     "hops_on_critical_path": 4, "hops_why": "...", "recovery_heartbeat_interval": 0.5,
+     "hops_on_critical_path": 3, "hops_why": "...", "recovery_heartbeat_interval": 0.5,
      "recovery_heartbeat_timeout": 3.0,
      "scaling_max_concurrent_tasks": 1, "scaling_kafka_partitions": 4,
      "scaling_tasks_per_replica": {"<broker>": {"4": [51, 50, 50, 49]}},
