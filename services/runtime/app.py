@@ -131,6 +131,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                          start.skip)
                 forget_job(task.task_id, asyncio.current_task())  # a later dispatch may run
                 return
+            if draining:  # claimed while this replica began to stop: not started here
+                async with engine.begin() as conn:
+                    await release(conn, task.task_id, dispatch.attempt, instance_id)
+                raise Redeliver(task.task_id)
             running[task.task_id] = dispatch.attempt
             resumed = start.checkpoint
             if resumed is not None:
@@ -169,6 +173,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except StaleAttempt as exc:
             log.warning("task %s stopped: %s", task.task_id, exc)
             return  # a later attempt holds the task now
+        except Redeliver:
+            raise
         except Exception as exc:  # the step's failure is the task's outcome, never a crash
             log.info("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
             error = describe(exc)
@@ -307,7 +313,11 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         if runs:
             log.info("stopping: %d tasks running, waiting up to %.1f s", len(runs),
                      settings.grace_period)
-            await asyncio.wait(list(runs.values()), timeout=settings.grace_period)
+        # Runs that start meanwhile (claimed before the stop) get the same grace.
+        deadline = asyncio.get_running_loop().time() + settings.grace_period
+        while runs and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(list(runs.values()), timeout=left,
+                               return_when=asyncio.FIRST_COMPLETED)
         handed_back = list(runs.items())
         for task_id, runner in handed_back:
             log.info("stopping: task %s handed back", task_id)
