@@ -147,7 +147,8 @@ class Deployment:
 
     async def ready(self, *services: str, timeout: float = 90.0) -> None:
         """Wait until each service has run a task end to end (or, if it waits for input
-        before it ends, until it is registered)."""
+        before it ends, until it is registered), and the control plane answers queries
+        (a task's outcome reaches its requester without it)."""
         async with self.client() as client:
             async with asyncio.timeout(timeout):
                 for service in services:
@@ -166,6 +167,7 @@ class Deployment:
                             if exc.error is None or exc.error.type != "UnknownService":
                                 break  # it ran: the service is up
                             await asyncio.sleep(0.3)
+                    await eventually(lambda s=service: registered(client, s), timeout)
 
 
 @contextmanager
@@ -205,6 +207,26 @@ async def eventually(check, timeout: float = 15.0):
         while not (found := await check()):  # noqa: ASYNC110
             await asyncio.sleep(0.2)
     return found
+
+
+async def records_once_completed(client, service: str, ids: list[str],
+                                 timeout: float = 60.0) -> dict[str, dict]:
+    """The records of tasks `ids`, once every one of them reads completed (a requester has
+    the outcome as soon as the control plane does, not after it has stored it: after a
+    control plane was killed its backlog takes a while). Times out with what it saw."""
+    seen: dict[str, dict] = {}
+
+    async def all_completed() -> bool:
+        seen.clear()
+        seen.update({r["task_id"]: r for r in await client.list_tasks(
+            service=service, limit=2 * len(ids))})
+        return all(seen.get(i, {}).get("status") == "completed" for i in ids)
+
+    try:
+        await eventually(all_completed, timeout)
+    except TimeoutError:
+        pass  # the caller's assertion names what is missing
+    return dict(seen)
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .deployment import eventually, noted
+from .deployment import eventually, noted, records_once_completed
 
 
 @pytest.mark.parametrize("part", ["control-plane", "orchestrator"])
@@ -24,12 +24,11 @@ async def test_kill9_of_a_core_part_mid_load_loses_nothing(fresh_deployment, par
         await asyncio.sleep(1.0)
         deployment.start(part)
         outcomes = await asyncio.gather(*waits)
-        records = await client.list_tasks(service="echo", limit=1000)
-    recorded = {r["task_id"]: r for r in records}
+        recorded = await records_once_completed(client, "echo", ids)
     print(f"found: {sum(o.status == 'completed' for o in outcomes)} outcomes completed, "
           f"{sum(r['status'] == 'completed' for r in recorded.values())} records completed")
     assert [o.result for o in outcomes] == [{"echo": {"n": n}} for n in range(200)]
-    assert all(recorded[i]["status"] == "completed" for i in ids)
+    assert all(recorded.get(i, {}).get("status") == "completed" for i in ids)
 
 
 async def test_kill9_of_a_worker_mid_task_resumes_it_from_its_checkpoint(fresh_deployment,
