@@ -110,11 +110,11 @@ async def renew(conn: AsyncConnection, instance_id: str, running: Mapping[str, i
 
 
 async def reported(conn: AsyncConnection, task_id: str, attempt: int, instance_id: str) -> bool:
-    """Mark the attempt's outcome (or its retry) reported, in the transaction that spans its
-    publish: the orchestrator's sweep leaves it alone from then on, and a cancel that
-    comes meanwhile waits for the commit (its outcome then reaches the control plane second,
-    and is not taken). False when the attempt is no longer this instance's to report:
-    replaced, cancelled or ended meanwhile."""
+    """Mark the attempt's outcome (or its retry) reported: the orchestrator's sweep leaves it
+    alone from then on. The worker marks an outcome in the transaction that spans its
+    publish, so a cancel that comes meanwhile waits for the commit (its outcome then reaches
+    the control plane second, and is not taken). False when the attempt is no longer this
+    instance's to report: replaced, cancelled or ended meanwhile."""
     marked = await conn.execute(
         update(dispatches)
         .where(dispatches.c.task_id == task_id, dispatches.c.attempt == attempt,
