@@ -41,7 +41,7 @@ def test_bench_quick_produces_every_figure_for_both_brokers_and_loses_no_task(ra
     assert missing == []
     assert all(set(figures[name][broker]) >= {"median", "min", "max", "unit"}
                for name in FIGURES for broker in BROKERS)
-    assert report["hops_on_critical_path"] == 4
+    assert report["hops_on_critical_path"] == 3
     assert report["recovery_heartbeat_timeout"] > 0
     assert {broker: report["tasks"][broker]["lost"] for broker in BROKERS} == \
         {"rabbit": 0, "kafka": 0}
