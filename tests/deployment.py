@@ -209,7 +209,7 @@ async def eventually(check, timeout: float = 15.0):
     return found
 
 
-async def records_once_completed(client, service: str, ids: list[str],
+async def records_once_completed(client, service: str | None, ids: list[str],
                                  timeout: float = 60.0) -> dict[str, dict]:
     """The records of tasks `ids`, once every one of them reads completed (a requester has
     the outcome as soon as the control plane does, not after it has stored it: after a

@@ -237,8 +237,14 @@ async def test_an_outer_step_runs_the_inner_workflow_on_its_own_service(workflow
         task_id = await client.run_nowait("outer", message="hi")
         result = await client.result(task_id, timeout=30)
         assert result == {"outer": "done", "inner": {"echo": {"message": "hi"}}}
-        inner = await client.list_tasks(service="echo", limit=1000)
-        children = [t for t in inner if t["parent_task_id"] == task_id]
+
+        async def completed_children() -> list[dict]:
+            # The outer task had the inner outcome before the control plane stored it.
+            inner = await client.list_tasks(service="echo", limit=1000)
+            return [t for t in inner
+                    if t["parent_task_id"] == task_id and t["status"] == "completed"]
+
+        children = await eventually(completed_children)
         assert len(children) == 1
         assert children[0]["status"] == "completed"
         assert children[0]["result"] == {"echo": {"message": "hi"}}
