@@ -3,6 +3,7 @@
 from .messages import (
     FINAL_STATUSES,
     MAX_MESSAGE_BYTES,
+    TASK_QUERIES,
     TYPED_MESSAGES,
     Action,
     AnyMessage,
@@ -56,6 +57,7 @@ __all__ = [
     "ResumeTaskMessage",
     "PauseTaskMessage",
     "FINAL_STATUSES",
+    "TASK_QUERIES",
     "MAX_MESSAGE_BYTES",
     "TYPED_MESSAGES",
     "Action",

@@ -230,6 +230,7 @@ class DeregisterService(Payload):
 
 QueryKind = Literal[
     "get_task",
+    "delete_task",
     "list_tasks",
     "list_services",
     "list_dead_letters",
@@ -247,6 +248,10 @@ QueryKind = Literal[
     "list_events",
     "get_throughput",
 ]
+
+# Queries about one task, sent through the front door (`<ns>.control_plane`) keyed by the
+# task: answered after the task's NEW_TASK has been recorded.
+TASK_QUERIES = frozenset({"get_task", "watch_task", "stream_task", "delete_task"})
 
 
 class Query(Payload):

@@ -340,6 +340,14 @@ def tasks_cancel(
            f"cancelled {task_id}", f"{task_id} had already ended")
 
 
+@tasks_app.command("delete")
+def tasks_delete(task_id: str) -> None:
+    """Delete an ended task's record, event log and checkpoint now rather than at its TTL."""
+    if not _client_call(lambda client: client.delete_task(task_id)):
+        fail(f"no task {task_id!r}")
+    sys.stdout.write(f"deleted {task_id}\n")
+
+
 @tasks_app.command("pause")
 def tasks_pause(task_id: str) -> None:
     """Pause a task: its worker checkpoints and lets go of it until `tasks resume`."""

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from workflows.events import Event
 
 from conveyor.contracts import (
+    TASK_QUERIES,
     CancelTask,
     CancelTaskMessage,
     CompletedTaskMessage,
@@ -374,6 +375,13 @@ class Client:
         task's NEW_TASK, so a task just started is found)."""
         return await self._ask(Query(kind="get_task", task_id=task_id, reply_to=self._reply_to))
 
+    async def delete_task(self, task_id: str) -> bool:
+        """Delete an ended task's record, event log, inbox and checkpoint now rather than at
+        its TTL; False if there was no record. A task that has not ended is refused
+        (QueryFailed "TaskNotEnded"): cancel it and wait for it first."""
+        return await self._ask(
+            Query(kind="delete_task", task_id=task_id, reply_to=self._reply_to))
+
     async def status(self, task_id: str) -> str | None:
         record = await self.get_task(task_id)
         return record["status"] if record else None
@@ -431,8 +439,7 @@ class Client:
 
     async def _ask(self, query: Query, timeout: float | None = -1.0) -> Any:
         message = QueryMessage(type=QUERY, publisher_id=self.publisher_id, data=query)
-        if query.kind in ("watch_task", "stream_task", "get_task"):
-            # Through the front door, keyed by the task: answered after its NEW_TASK.
+        if query.kind in TASK_QUERIES:
             return await self._request(
                 message, topic(self.settings.namespace, CONTROL_PLANE), query.kind,
                 key=query.task_id, timeout=timeout,

@@ -162,24 +162,24 @@ async def test_cancel_handler_cancels_a_running_task(client):
 
     cancelled = await client.cancel_handler(handler.handler_id)
     ended = await client.wait_for_handler(handler.handler_id, timeout=60, poll_interval=0.2)
-    purged = await client.cancel_handler(handler.handler_id, purge=True)
 
     assert cancelled.status == "cancelled"
     assert ended.status == "cancelled"
     assert ended.error.startswith("TaskCancelled")
-    assert purged.status == "cancelled"  # the record is kept until its TTL, and it says so
 
 
-async def test_cancel_with_purge_says_the_record_was_kept(http):
-    started = (await http.post("/workflows/slow/run-nowait",
-                               json={"start_event": {"seconds": 60}})).json()
+async def test_cancel_with_purge_deletes_the_handler_once_it_has_ended(client, http):
+    handler = await client.run_workflow_nowait("slow", start_event={"seconds": 60})
 
-    answer = await http.post(f"/handlers/{started['handler_id']}/cancel",
-                             params={"purge": "true"})
+    purged = await client.cancel_handler(handler.handler_id, purge=True)
+    listed = await client.get_handlers(workflow_name=["slow"])
+    again = await http.post(f"/handlers/{handler.handler_id}/cancel", params={"purge": "true"})
 
-    assert answer.status_code == 200
-    assert answer.json()["purged"] is False
-    assert "TTL" in answer.json()["detail"]
+    assert purged.status == "deleted"
+    assert handler.handler_id not in {h.handler_id for h in listed.handlers}
+    assert (await http.get(f"/handlers/{handler.handler_id}")).status_code == 404
+    assert (await http.get(f"/events/{handler.handler_id}")).status_code == 404
+    assert again.status_code == 404
 
 
 async def test_workflow_schema_events_and_graph_come_from_registration(client):

@@ -557,3 +557,24 @@ async def test_finished_tasks_past_their_ttl_are_removed_with_all_they_own(engin
             owners = set((await conn.execute(select(table.c.task_id))).scalars())
             assert owners <= {"broke", "busy"}, table.name
     assert left == {"broke", "busy"}
+
+
+async def test_an_ended_task_is_deleted_on_request_and_a_running_one_is_refused(engine):
+    async with engine.begin() as conn:
+        for task_id in ("done", "busy"):
+            await state.record_new_task(conn, new_task(task_id=task_id), "publisher")
+            await orchestrator_state.claim_first_dispatch(conn, task_id, "echo")
+            await state.append_event(conn, TaskStream(task_id=task_id, index=0,
+                                                      event=EventEnvelope(type="Progress")))
+            await checkpoints.save(conn, KEY, task_id, 1, {}, inbox_seq=0, streamed=1)
+        await state.record_outcome(conn, outcome(task_id="done", status="cancelled"))
+    async with engine.begin() as conn:
+        assert await state.delete_task(conn, "done") is True
+        assert await state.delete_task(conn, "done") is False  # nothing left to delete
+        with pytest.raises(state.TaskNotEnded, match="'busy' is queued"):
+            await state.delete_task(conn, "busy")
+    async with engine.connect() as conn:
+        for table in (database.tasks, *cleanup.OWNED):
+            owners = set((await conn.execute(select(table.c.task_id))).scalars())
+            assert "done" not in owners, table.name
+        assert await state.get_task(conn, "busy") is not None

@@ -343,6 +343,9 @@ async def test_cli_answers_cancels_and_replays_a_waiting_task(workflows_deployme
         assert await client.result(asked, timeout=30) == "hello, Di"
 
         waiting = await client.run_nowait("greeter")
+        done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "delete", waiting)
+        assert done.returncode == 1
+        assert "TaskNotEnded" in done.stderr and "cancel it" in done.stderr
         done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "cancel", waiting)
         assert done.stdout == f"cancelled {waiting}\n"
         assert (await client.wait(waiting, timeout=10)).status == "cancelled"
@@ -350,6 +353,11 @@ async def test_cli_answers_cancels_and_replays_a_waiting_task(workflows_deployme
                                ("resume", "was not paused")]:
             done = await asyncio.to_thread(workflows_deployment.cli, "tasks", action, waiting)
             assert done.stdout == f"{waiting} {answer}\n"
+        done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "delete", waiting)
+        assert done.stdout == f"deleted {waiting}\n"
+        assert await client.get_task(waiting) is None
+        done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "delete", waiting)
+        assert (done.returncode, done.stderr) == (1, f"conveyor: no task {waiting!r}\n")
 
     done = await asyncio.to_thread(workflows_deployment.cli, "tasks", "events", asked)
     assert done.returncode == 0, done.stderr

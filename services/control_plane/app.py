@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import (
     FINAL_STATUSES,
+    TASK_QUERIES,
     CancelTaskMessage,
     CompletedTask,
     CompletedTaskMessage,
@@ -48,12 +49,6 @@ from ..settings import Settings, load
 from . import cleanup, metrics, state
 
 log = logging.getLogger("conveyor.control_plane")
-
-# Queries about one task that may also come through the front door, keyed by the task id,
-# so that they are answered after the task's NEW_TASK has been recorded.
-# Queries about one task that may come through the front door, keyed by the task: answered
-# after the task's NEW_TASK, so a client asking right after starting it finds it.
-TASK_QUERIES = frozenset({"watch_task", "stream_task", "get_task"})
 
 
 def create_app(settings: Settings | None = None) -> FastStream:
@@ -262,6 +257,8 @@ async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage
                     conn, query.task_id or "", query.reply_to, message.id
                 )
                 return found, found is None
+            case "delete_task":
+                return await state.delete_task(conn, _required(query.task_id, "task_id")), False
             case "list_tasks":
                 return await state.list_tasks(conn, query), False
             case "list_services":

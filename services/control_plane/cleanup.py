@@ -1,5 +1,5 @@
-"""Removing finished tasks after their TTL: the record, its event log, inbox, errors,
-watchers, checkpoint and dispatch row.
+"""Removing finished tasks, after their TTL or on request: the record, its event log, inbox,
+errors, watchers, checkpoint and dispatch row.
 
 Every control plane replica sweeps; on PostgreSQL each takes rows the others have not
 locked (SKIP LOCKED), on SQLite one writer runs at a time, so a task is removed once.
@@ -38,9 +38,13 @@ async def remove_expired(conn: AsyncConnection, ttls: dict[str, float], limit: i
     if conn.dialect.name == "postgresql":
         statement = statement.with_for_update(skip_locked=True)
     expired = list((await conn.execute(statement)).scalars())
-    if not expired:
-        return 0
-    for table in OWNED:
-        await conn.execute(delete(table).where(table.c.task_id.in_(expired)))
-    await conn.execute(delete(tasks).where(tasks.c.task_id.in_(expired)))
+    if expired:
+        await remove(conn, expired)
     return len(expired)
+
+
+async def remove(conn: AsyncConnection, task_ids: list[str]) -> None:
+    """Remove these tasks and everything kept for them."""
+    for table in OWNED:
+        await conn.execute(delete(table).where(table.c.task_id.in_(task_ids)))
+    await conn.execute(delete(tasks).where(tasks.c.task_id.in_(task_ids)))

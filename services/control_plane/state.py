@@ -37,10 +37,15 @@ from ..database import (
     tasks,
     watchers,
 )
+from . import cleanup
 
 
 class EventRefused(ValueError):
     """An event sent into a task that cannot take it; the text says why."""
+
+
+class TaskNotEnded(ValueError):
+    """A task asked to be deleted while it has not ended yet."""
 
 
 def _insert_ignoring_duplicates(conn: AsyncConnection, table, **values):
@@ -450,6 +455,21 @@ async def watch_task(
         )
     )
     return None
+
+
+async def delete_task(conn: AsyncConnection, task_id: str) -> bool:
+    """Delete an ended task's record and everything kept for it, as its TTL would; False
+    when there is no such record."""
+    await _lock_task(conn, task_id)
+    found = await conn.execute(select(tasks.c.status).where(tasks.c.task_id == task_id))
+    status = found.scalar_one_or_none()
+    if status is None:
+        return False
+    if status not in FINAL_STATUSES:
+        raise TaskNotEnded(f"task {task_id!r} is {status}: cancel it, or wait for it to end, "
+                           "before deleting it")
+    await cleanup.remove(conn, [task_id])
+    return True
 
 
 async def list_tasks(conn: AsyncConnection, query: Query) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from conveyor import Client, PublishFailed, QueryFailed
 
@@ -138,6 +139,26 @@ async def _task(client: Client, handler_id: str) -> dict[str, Any]:
     if task is None:
         raise HTTPException(404, f"handler {handler_id!r} not found: no such task")
     return task
+
+
+async def _delete_once_ended(client: Client, handler_id: str) -> bool:
+    """Delete the task's record once its end is recorded; False if there is no record."""
+    try:
+        await client.wait(handler_id, timeout=client.query_timeout)
+    except TimeoutError:
+        raise HTTPException(504, f"handler {handler_id!r} was told to cancel but had not "
+                            f"ended within {client.query_timeout} s; not deleted") from None
+    # The requester can hear of an outcome just before the control plane has stored it.
+    not_stored_yet = AsyncRetrying(
+        retry=retry_if_exception(lambda exc: str(exc).startswith("TaskNotEnded")),
+        wait=wait_exponential(multiplier=0.05, max=1), stop=stop_after_delay(5), reraise=True)
+    try:
+        async for attempt in not_stored_yet:
+            with attempt:
+                return await client.delete_task(handler_id)
+    except QueryFailed as exc:
+        raise HTTPException(409, f"handler {handler_id!r}: {exc}") from None
+    return False  # not reached: the last try returns or raises
 
 
 def _registered(service: dict[str, Any], key: str) -> Any:
@@ -286,8 +307,8 @@ def _add_handler_routes(app: FastAPI) -> None:
     @app.post("/handlers/{handler_id}/cancel", responses=NOT_FOUND)
     async def cancel_handler(handler_id: str, client: ClientDep,
                              purge: bool = False) -> CancelHandlerResponse:
-        """Cancel the task and its inner tasks. The record stays: with `purge` the answer says
-        so, since Conveyor removes a finished task only after its TTL."""
+        """Cancel the task and its inner tasks. With `purge`, wait for the task to end and
+        delete its record, event log and checkpoint, as its TTL would later."""
         # Cancelling goes through the front door, after the task's NEW_TASK, so a task
         # the control plane has not recorded yet is found and cancelled all the same.
         try:
@@ -296,7 +317,9 @@ def _add_handler_routes(app: FastAPI) -> None:
             status = 404 if str(exc).startswith("UnknownTask") else 400
             raise HTTPException(status, f"handler {handler_id!r}: {exc}") from None
         detail = "cancelled" if done else "nothing to cancel: the task had already ended"
-        if purge:
-            detail += ("; not purged: the control plane keeps the task's record until its TTL "
-                       "(CONVEYOR_TTL_*) runs out")
-        return CancelHandlerResponse(status="cancelled", purged=False, detail=detail)
+        if not purge:
+            return CancelHandlerResponse(status="cancelled", purged=False, detail=detail)
+        if not await _delete_once_ended(client, handler_id):
+            raise HTTPException(404, f"handler {handler_id!r} not found: no such task")
+        return CancelHandlerResponse(status="deleted", purged=True,
+                                     detail=f"{detail}; its record was deleted")
