@@ -14,7 +14,7 @@ import secrets as random
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import counters
@@ -57,8 +57,13 @@ def _signature(key: bytes, task_id: str, inbox_seq: int, streamed: int, context:
     return hmac.new(key, signed, hashlib.sha256).hexdigest()
 
 
+# Built once: they run on every task's path.
+_LAST = select(checkpoints).where(checkpoints.c.task_id == bindparam("checkpointed"))
+_ATTEMPT = select(dispatches.c.attempt).where(dispatches.c.task_id == bindparam("dispatched"))
+
+
 async def current_attempt(conn: AsyncConnection, task_id: str) -> int | None:
-    found = await conn.execute(select(dispatches.c.attempt).where(dispatches.c.task_id == task_id))
+    found = await conn.execute(_ATTEMPT, {"dispatched": task_id})
     return found.scalar_one_or_none()
 
 
@@ -90,9 +95,7 @@ async def save(
 
 async def load(conn: AsyncConnection, key: bytes, task_id: str) -> Checkpoint | None:
     """The task's last checkpoint, verified; None if it has none."""
-    row = (await conn.execute(
-        select(checkpoints).where(checkpoints.c.task_id == task_id)
-    )).first()
+    row = (await conn.execute(_LAST, {"checkpointed": task_id})).first()
     if row is None:
         return None
     expected = _signature(key, task_id, row.inbox_seq, row.streamed, row.context)

@@ -9,6 +9,7 @@ the task, and writes the session's state back when the task has run.
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -226,6 +227,14 @@ counters = Table(
     Column("name", String(100), primary_key=True),
     Column("value", Integer, nullable=False),
 )
+
+
+@functools.cache
+def insert_ignoring_duplicates(dialect: str, table: Table):
+    """INSERT ... ON CONFLICT DO NOTHING in a dialect, built once; the row's values are the
+    execution's parameters."""
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert
+    return insert(table).on_conflict_do_nothing()
 
 
 def dialect_insert(conn: AsyncConnection, table: Table):

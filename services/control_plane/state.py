@@ -7,7 +7,7 @@ Every write is idempotent on the message's own ids, so a redelivered message cha
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import (
@@ -31,6 +31,7 @@ from ..database import (
     dispatches,
     events,
     inbox,
+    insert_ignoring_duplicates,
     instances,
     now,
     services,
@@ -48,8 +49,9 @@ class TaskNotEnded(ValueError):
     """A task asked to be deleted while it has not ended yet."""
 
 
-def _insert_ignoring_duplicates(conn: AsyncConnection, table, **values):
-    return dialect_insert(conn, table).values(**values).on_conflict_do_nothing()
+async def _insert_once(conn: AsyncConnection, table, **values) -> None:
+    """Insert the row unless one with its key is there already."""
+    await conn.execute(insert_ignoring_duplicates(conn.dialect.name, table), values)
 
 
 def _upsert(conn: AsyncConnection, table, keys: list[str], values: dict, update_keys: list[str]):
@@ -73,23 +75,20 @@ async def _lock_task(conn: AsyncConnection, task_id: str) -> None:
 
 
 async def record_new_task(conn: AsyncConnection, task: NewTask, publisher_id: str) -> None:
-    await conn.execute(
-        _insert_ignoring_duplicates(
-            conn,
-            tasks,
-            task_id=task.task_id,
-            service=task.service,
-            session_id=task.session_id,
-            parent_task_id=task.parent_task_id,
-            publisher_id=publisher_id,
-            status="queued",
-            input=task.input,
-            attempts=0,
-            reply_to=task.reply_to,
-            stream=task.stream,
-            created_at=now(),
-        )
+    await _insert_once(
+        conn, tasks, task_id=task.task_id, service=task.service, session_id=task.session_id,
+        parent_task_id=task.parent_task_id, publisher_id=publisher_id, status="queued",
+        input=task.input, attempts=0, reply_to=task.reply_to, stream=task.stream,
+        created_at=now(),
     )
+
+
+# Built once, for every task's outcome.
+_END = (update(tasks)
+        .where(tasks.c.task_id == bindparam("ended_task"), tasks.c.status.not_in(FINAL_STATUSES)))
+_REPLY_TO = select(tasks.c.reply_to).where(tasks.c.task_id == bindparam("asked_of"))
+_WATCHERS = select(watchers).where(watchers.c.task_id == bindparam("watched"))
+_WATCHED = delete(watchers).where(watchers.c.task_id == bindparam("watched"))
 
 
 async def record_outcome(
@@ -106,32 +105,21 @@ async def record_outcome(
     await _lock_task(conn, outcome.task_id)
     if await _stale(conn, outcome.task_id, outcome.attempt):
         return None
-    await conn.execute(
-        _insert_ignoring_duplicates(
-            conn,
-            tasks,
-            task_id=outcome.task_id,
-            service=outcome.service,
-            session_id=outcome.session_id,
-            status="queued",
-            attempts=0,
-            reply_to=outcome.reply_to,
-            created_at=now(),
+    ended = {
+        "ended_task": outcome.task_id, "status": outcome.status, "result": outcome.result,
+        "error": outcome.error.model_dump() if outcome.error else None,
+        "attempts": outcome.attempt, "events": outcome.events, "steps": outcome.steps or None,
+        "finished_at": now(),
+    }
+    stored = await conn.execute(_END, ended)
+    if stored.rowcount == 0:
+        # No record yet (the outcome overtook its NEW_TASK), or it has ended already.
+        await _insert_once(
+            conn, tasks, task_id=outcome.task_id, service=outcome.service,
+            session_id=outcome.session_id, status="queued", attempts=0,
+            reply_to=outcome.reply_to, created_at=now(),
         )
-    )
-    stored = await conn.execute(
-        update(tasks)
-        .where(tasks.c.task_id == outcome.task_id, tasks.c.status.not_in(FINAL_STATUSES))
-        .values(
-            status=outcome.status,
-            result=outcome.result,
-            error=outcome.error.model_dump() if outcome.error else None,
-            attempts=outcome.attempt,
-            events=outcome.events,
-            steps=outcome.steps or None,
-            finished_at=now(),
-        )
-    )
+        stored = await conn.execute(_END, ended)
     if stored.rowcount == 0:
         return None
     if outcome.error is not None and outcome.status == "failed":
@@ -139,13 +127,10 @@ async def record_outcome(
     if outcome.reply_to is None:
         # An outcome the orchestrator made (a cancellation) goes where the task asked too.
         outcome.reply_to = (
-            await conn.execute(select(tasks.c.reply_to).where(tasks.c.task_id == outcome.task_id))
-        ).scalar_one_or_none()
-    waiting = (
-        await conn.execute(select(watchers).where(watchers.c.task_id == outcome.task_id))
-    ).all()
+            await conn.execute(_REPLY_TO, {"asked_of": outcome.task_id})).scalar_one_or_none()
+    waiting = (await conn.execute(_WATCHERS, {"watched": outcome.task_id})).all()
     if waiting:
-        await conn.execute(delete(watchers).where(watchers.c.task_id == outcome.task_id))
+        await conn.execute(_WATCHED, {"watched": outcome.task_id})
     return [{"reply_to": w.reply_to, "request_id": w.request_id, "kind": w.kind}
             for w in waiting]
 
@@ -166,16 +151,8 @@ async def append_event(conn: AsyncConnection, stream: TaskStream) -> bool:
     """Store a streamed event; False (and counted) if its attempt was replaced."""
     if await _stale(conn, stream.task_id, stream.attempt):
         return False
-    await conn.execute(
-        _insert_ignoring_duplicates(
-            conn,
-            events,
-            task_id=stream.task_id,
-            idx=stream.index,
-            event=stream.event.model_dump(),
-            created_at=now(),
-        )
-    )
+    await _insert_once(conn, events, task_id=stream.task_id, idx=stream.index,
+                       event=stream.event.model_dump(), created_at=now())
     return True
 
 
@@ -195,10 +172,8 @@ async def record_status(conn: AsyncConnection, change: TaskStatusUpdate) -> None
 
 
 async def _keep_error(conn: AsyncConnection, task_id: str, attempt: int, error: Any) -> None:
-    await conn.execute(_insert_ignoring_duplicates(
-        conn, attempt_errors, task_id=task_id, attempt=attempt, type=error.type,
-        message=error.message, at=now(),
-    ))
+    await _insert_once(conn, attempt_errors, task_id=task_id, attempt=attempt,
+                       type=error.type, message=error.message, at=now())
 
 
 async def errors_of(conn: AsyncConnection, task_id: str) -> list[dict[str, Any]]:
@@ -246,10 +221,8 @@ async def watch_stream(
     if row is None:
         return None, []
     if row.status not in FINAL_STATUSES:
-        await conn.execute(
-            _insert_ignoring_duplicates(conn, watchers, task_id=task_id, reply_to=reply_to,
-                                        request_id=request_id, kind="stream")
-        )
+        await _insert_once(conn, watchers, task_id=task_id, reply_to=reply_to,
+                           request_id=request_id, kind="stream")
     stored = await conn.execute(
         select(events.c.idx, events.c.event)
         .where(events.c.task_id == task_id, events.c.idx > after)
@@ -449,11 +422,8 @@ async def watch_task(
     row = (await conn.execute(select(tasks).where(tasks.c.task_id == task_id))).first()
     if row is not None and row.status in FINAL_STATUSES:
         return await get_task(conn, task_id)
-    await conn.execute(
-        _insert_ignoring_duplicates(
-            conn, watchers, task_id=task_id, reply_to=reply_to, request_id=request_id
-        )
-    )
+    await _insert_once(conn, watchers, task_id=task_id, reply_to=reply_to,
+                       request_id=request_id)
     return None
 
 

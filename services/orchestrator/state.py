@@ -3,10 +3,10 @@
 from datetime import timedelta
 from typing import NamedTuple
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..database import dialect_insert, dispatches, now, services
+from ..database import dispatches, insert_ignoring_duplicates, now, services
 
 
 class Claim(NamedTuple):
@@ -30,13 +30,10 @@ async def claim_first_dispatch(
         await _decide_alone(conn)
         held = (session_id is not None and await _session_busy(conn, session_id)) or (
             bool(limit) and await _open_tasks(conn, service) >= limit)
-    result = await conn.execute(
-        dialect_insert(conn, dispatches)
-        .values(task_id=task_id, service=service, attempt=1, parent_task_id=parent_task_id,
-                session_id=session_id, held=held, finished=False, task=task, trace=trace,
-                dispatched_at=now())
-        .on_conflict_do_nothing()
-    )
+    result = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, dispatches), {
+        "task_id": task_id, "service": service, "attempt": 1, "parent_task_id": parent_task_id,
+        "session_id": session_id, "held": held, "finished": False, "task": task,
+        "trace": trace, "dispatched_at": now()})
     if result.rowcount == 1:
         return Claim(True, held)
     row = (await conn.execute(
@@ -112,14 +109,17 @@ async def release_held(conn: AsyncConnection, limits: dict[str, int | None], *,
     return released
 
 
+_ENDED_OR_PAUSED = (
+    select(dispatches.c.session_id, dispatches.c.service, dispatches.c.finished,
+           dispatches.c.paused)
+    .where(dispatches.c.task_id == bindparam("left")))
+
+
 async def release_after(conn: AsyncConnection, task_id: str,
                         limits: dict[str, int | None]) -> list[dict]:
     """Once a task has ended or paused, the held tasks that may run in its place (a paused
     task gives up its place in its service, not in its session: it will go on)."""
-    row = (await conn.execute(
-        select(dispatches.c.session_id, dispatches.c.service, dispatches.c.finished,
-               dispatches.c.paused)
-        .where(dispatches.c.task_id == task_id))).first()
+    row = (await conn.execute(_ENDED_OR_PAUSED, {"left": task_id})).first()
     if row is None or not (row.finished or row.paused):
         return []
     return await release_held(conn, limits, service=row.service,
@@ -272,13 +272,16 @@ async def cancel(conn: AsyncConnection, task_id: str) -> Cancellation:
     return Cancellation(True, ended.rowcount == 1, row.service, list(children.scalars()))
 
 
+_FINISHED_ANY = (update(dispatches).where(dispatches.c.task_id == bindparam("finished_task"))
+                 .values(finished=True))
+_FINISHED = _FINISHED_ANY.where(dispatches.c.attempt <= bindparam("finished_attempt"))
+
+
 async def mark_finished(conn: AsyncConnection, task_id: str, attempt: int = 0) -> None:
     """The task has ended; an outcome from a replaced attempt (not attempt 0, the
     orchestrator's own) changes nothing."""
-    statement = update(dispatches).where(dispatches.c.task_id == task_id)
-    if attempt > 0:
-        statement = statement.where(dispatches.c.attempt <= attempt)
-    await conn.execute(statement.values(finished=True))
+    await conn.execute(_FINISHED if attempt > 0 else _FINISHED_ANY,
+                       {"finished_task": task_id, "finished_attempt": attempt})
 
 
 async def known_services(conn: AsyncConnection) -> dict[str, int | None]:

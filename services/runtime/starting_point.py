@@ -15,6 +15,35 @@ from .. import checkpoints, sessions
 from ..checkpoints import Checkpoint
 from ..database import dispatches, inbox, now
 
+# The statements on every task's path are built once: building one costs about as much CPU
+# as running it on SQLite.
+_WHEN = dispatches.c.heartbeat_at.type
+_CLAIM = (
+    update(dispatches)
+    .where(dispatches.c.task_id == bindparam("claimed_task"),
+           dispatches.c.attempt == bindparam("claimed_attempt"),
+           dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
+           dispatches.c.paused.is_(False), dispatches.c.reported_at.is_(None),
+           or_(dispatches.c.instance_id.is_(None),
+               dispatches.c.instance_id == bindparam("claimer"),
+               dispatches.c.heartbeat_at < bindparam("silent_since", type_=_WHEN)))
+    .values(instance_id=bindparam("claimer"), started_at=bindparam("claimed_at", type_=_WHEN),
+            heartbeat_at=bindparam("claimed_at", type_=_WHEN))
+)
+_SENT = (
+    select(inbox.c.seq, inbox.c.event, inbox.c.step)
+    .where(inbox.c.task_id == bindparam("sent_to"), inbox.c.seq > bindparam("taken"))
+    .order_by(inbox.c.seq)
+)
+_REPORTED = (
+    update(dispatches)
+    .where(dispatches.c.task_id == bindparam("reported_task"),
+           dispatches.c.attempt == bindparam("reported_attempt"),
+           dispatches.c.instance_id == bindparam("reporter"),
+           dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False))
+    .values(reported_at=bindparam("reported", type_=_WHEN))
+)
+
 
 @dataclass
 class StartingPoint:
@@ -35,15 +64,10 @@ async def starting_point(
     not claimed: its message came again (a dropped connection) while that instance still
     runs it. Raises CheckpointRefused when the task's last checkpoint fails verification.
     """
-    claimed = await conn.execute(
-        update(dispatches)
-        .where(dispatches.c.task_id == task.task_id, dispatches.c.attempt == attempt,
-               dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False),
-               dispatches.c.paused.is_(False), dispatches.c.reported_at.is_(None),
-               or_(dispatches.c.instance_id.is_(None), dispatches.c.instance_id == instance_id,
-                   dispatches.c.heartbeat_at < now() - timedelta(seconds=lease_timeout)))
-        .values(instance_id=instance_id, started_at=now(), heartbeat_at=now())
-    )
+    moment = now()
+    claimed = await conn.execute(_CLAIM, {
+        "claimed_task": task.task_id, "claimed_attempt": attempt, "claimer": instance_id,
+        "claimed_at": moment, "silent_since": moment - timedelta(seconds=lease_timeout)})
     if claimed.rowcount == 0:
         reason, dispatched = await _why_not(conn, task.task_id, attempt)
         return StartingPoint(skip=reason, dispatched=dispatched)
@@ -51,11 +75,7 @@ async def starting_point(
     if point.checkpoint is None and task.session_id:
         point.state = await sessions.load_context_state(conn, task.session_id)
     taken = point.checkpoint.inbox_seq if point.checkpoint else 0
-    found = await conn.execute(
-        select(inbox.c.seq, inbox.c.event, inbox.c.step)
-        .where(inbox.c.task_id == task.task_id, inbox.c.seq > taken)
-        .order_by(inbox.c.seq)
-    )
+    found = await conn.execute(_SENT, {"sent_to": task.task_id, "taken": taken})
     point.sent = [{"seq": seq, "event": event, "step": step} for seq, event, step in found]
     return point
 
@@ -115,11 +135,7 @@ async def reported(conn: AsyncConnection, task_id: str, attempt: int, instance_i
     publish, so a cancel that comes meanwhile waits for the commit (its outcome then reaches
     the control plane second, and is not taken). False when the attempt is no longer this
     instance's to report: replaced, cancelled or ended meanwhile."""
-    marked = await conn.execute(
-        update(dispatches)
-        .where(dispatches.c.task_id == task_id, dispatches.c.attempt == attempt,
-               dispatches.c.instance_id == instance_id, dispatches.c.finished.is_(False),
-               dispatches.c.cancelled.is_(False))
-        .values(reported_at=now())
-    )
+    marked = await conn.execute(_REPORTED, {
+        "reported_task": task_id, "reported_attempt": attempt, "reporter": instance_id,
+        "reported": now()})
     return marked.rowcount == 1
