@@ -32,10 +32,11 @@ SERVICES = {
     "stepper": "sample_workflows:stepper",
     "flaky": "sample_workflows:flaky",
     "work": "sample_workflows:work",
+    "slow_counter": "sample_workflows:slow_counter",
 }
 # Second replicas: part name -> the service it is another replica of. Any part named
 # "PART#N" is another replica of PART too ("work#2", "control-plane#2").
-REPLICAS = {"stepper-b": "stepper"}
+REPLICAS = {"stepper-b": "stepper", "slow_counter-b": "slow_counter"}
 
 
 def part_of(name: str) -> str:

@@ -25,10 +25,13 @@ class Opaque(Event):
 
 
 class Unserializable(Workflow):
-    """Returns what JSON cannot hold; with `in_event`, streams it first."""
+    """Returns what JSON cannot hold; with `in_event`, streams it first; with `size`, returns
+    a text of that many characters instead (more than a message may hold)."""
 
     @step
     async def give(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        if ev.get("size"):
+            return StopEvent(result="x" * int(ev.get("size")))
         if ev.get("in_event"):
             ctx.write_event_to_stream(Opaque(thing=object()))
         return StopEvent(result=object())
@@ -103,6 +106,22 @@ class Flaky(Workflow):
 
 
 flaky = Flaky(timeout=None)
+
+
+class SlowCounter(Workflow):
+    """Counts the runs of its session in the Context's state; its first run (counted in the
+    file `log`) then waits `seconds`."""
+
+    @step
+    async def count(self, ctx: Context, ev: StartEvent) -> StopEvent:
+        count = await ctx.store.get("count", default=0) + 1
+        await ctx.store.set("count", count)
+        if note(ev.get("log"), f"count-{count}") == 1:
+            await asyncio.sleep(float(ev.get("seconds", 0)))
+        return StopEvent(result=count)
+
+
+slow_counter = SlowCounter(timeout=None)
 
 
 class Progress(Event):

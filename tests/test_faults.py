@@ -108,8 +108,54 @@ async def test_a_silent_worker_loses_its_task_to_another_replica_and_its_late_re
     assert steps.count("one") == 1 and steps[:3] == ["one", "two", "two"]
 
 
-async def both_alive(client) -> bool:
-    found = {s["name"]: s for s in await client.list_services()}.get("stepper")
+async def test_a_silent_worker_that_wakes_leaves_its_session_state_alone(fresh_deployment,
+                                                                        tmp_path):
+    """Its attempt was replaced, and the session's next task has run meanwhile: when the
+    late attempt ends, it must not roll the session's state back to what it counted."""
+    deployment = fresh_deployment
+    deployment.overrides = {"CONVEYOR_HEARTBEAT_TIMEOUT": "3",
+                            "CONVEYOR_MAX_CONCURRENT_TASKS": "1"}
+    deployment.start("control-plane", "orchestrator", "slow_counter", "slow_counter-b")
+    await deployment.ready("slow_counter")
+    log = tmp_path / "counts.log"
+    async with deployment.client() as client:
+        await eventually(lambda: both_alive(client, "slow_counter"), timeout=60)
+        session_id = (await client.create_session())["session_id"]
+        first = await client.run_nowait("slow_counter", session_id=session_id, log=str(log),
+                                        seconds=8)
+        await eventually(lambda: noted(log, "count-1"), timeout=60)
+        pid = await eventually(lambda: busy_replica(client, "slow_counter"), timeout=30)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            counted = [await client.result(first, timeout=60),
+                       await client.run("slow_counter", session_id=session_id, log=str(log),
+                                        timeout=60)]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        print(f"injected: SIGSTOP of replica {pid} in the session's first task, SIGCONT "
+              f"once the session's second task had run")
+
+        async def rejected() -> bool:
+            return bool((await client.counters()).get("stale_attempts_rejected"))
+
+        await eventually(rejected, timeout=30)  # the woken attempt has reported, for nothing
+        counted.append(await client.run("slow_counter", session_id=session_id, log=str(log),
+                                        timeout=60))
+        state = await client.session_state(session_id)
+    print(f"found: counts {counted}, session state {state}")
+    assert counted == [1, 2, 3]
+    assert state == {"count": 3}
+
+
+async def busy_replica(client, service: str) -> int | None:
+    """The pid of the replica of `service` that reports a task running."""
+    found = {s["name"]: s for s in await client.list_services()}.get(service)
+    busy = [i["pid"] for i in (found or {}).get("instances", []) if i["alive"] and i["running"]]
+    return busy[0] if busy else None
+
+
+async def both_alive(client, service: str = "stepper") -> bool:
+    found = {s["name"]: s for s in await client.list_services()}.get(service)
     return bool(found) and sum(i["alive"] for i in found["instances"]) == 2
 
 

@@ -30,6 +30,7 @@ from conveyor.contracts import (
     Heartbeat,
     HeartbeatMessage,
     InvalidMessage,
+    MessageTooLarge,
     PauseTaskMessage,
     RegisterService,
     RegisterServiceMessage,
@@ -123,7 +124,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 await checkpoints.save(conn, key, task.task_id, dispatch.attempt, context,
                                        inbox_seq=inbox_seq, streamed=index)
 
-        task_run = None
+        task_run = session_state = None
         try:
             start = await claim(dispatch)
             if start.skip:
@@ -156,10 +157,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             finally:
                 current_caller.reset(token)
             outcome.result = await runner
-            if task.session_id:
-                async with engine.begin() as conn:
-                    await sessions.save_context_state(conn, task.session_id,
-                                                      task_run.context_state())
+            session_state = task_run.context_state() if task.session_id else None
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # this service is stopping
@@ -191,9 +189,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             runs.pop(task.task_id, None)
         outcome.events = index
         outcome.steps = task_run.steps if task_run else {}
-        await report(outcome, streamed=task.stream)
+        await report(outcome, streamed=task.stream, session_state=session_state)
 
-    async def report(outcome: CompletedTask, streamed: bool) -> None:
+    async def report(outcome: CompletedTask, streamed: bool,
+                     session_state: dict | None = None) -> None:
         """Publish an outcome to the control plane and, when its task streams nothing there
         (the control plane keeps events and outcome in order), to its reply_to in the same
         publish: the requester hears of it one hop sooner. Only while this attempt is still
@@ -201,15 +200,25 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         spans the publish, which the orchestrator's cancel and sweep wait for. A replaced or
         cancelled attempt's outcome goes to the control plane alone, which counts and drops
         it. Once marked, the lease is no longer watched, however late the orchestrator
-        reads the outcome."""
+        reads the outcome. The session's state is kept in that transaction too, so a
+        replaced attempt never overwrites what a later one (or the session's next task) left.
+        """
         message = CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id,
                                        data=outcome)
         async with engine.begin() as conn:
             current = await reported(conn, outcome.task_id, outcome.attempt, instance_id)
+            if current and session_state is not None and outcome.session_id:
+                await sessions.save_context_state(conn, outcome.session_id, session_state)
             outcome.replied = bool(current and outcome.reply_to and not streamed)
-            await publish(broker, settings, message, topic(ns, CONTROL_PLANE),
-                          key=outcome.task_id,
-                          copy_to=outcome.reply_to if outcome.replied else None)
+            copy_to = outcome.reply_to if outcome.replied else None
+            try:
+                await publish(broker, settings, message, topic(ns, CONTROL_PLANE),
+                              key=outcome.task_id, copy_to=copy_to)
+            except MessageTooLarge as exc:
+                outcome.status, outcome.result, outcome.error = "failed", None, TaskError(
+                    type="MessageTooLarge", message=f"the task's outcome could not be sent: {exc}")
+                await publish(broker, settings, message, topic(ns, CONTROL_PLANE),
+                              key=outcome.task_id, copy_to=copy_to)
 
     async def claim(dispatch: DispatchTask) -> StartingPoint:
         """Claim the attempt. The orchestrator commits a first dispatch before publishing it,
