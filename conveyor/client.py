@@ -189,6 +189,7 @@ class Client:
     async def run_nowait(
         self,
         service: str,
+        /,
         *,
         session_id: str | None = None,
         task_id: str | None = None,
@@ -209,13 +210,18 @@ class Client:
         )
         self._waiting.setdefault(task.task_id, asyncio.get_running_loop().create_future())
         message = NewTaskMessage(type=CONTROL_PLANE, publisher_id=self.publisher_id, data=task)
-        await publish(self._broker, self.settings, message,
-                      topic(self.settings.namespace, CONTROL_PLANE), key=task.task_id)
+        try:
+            await publish(self._broker, self.settings, message,
+                          topic(self.settings.namespace, CONTROL_PLANE), key=task.task_id)
+        except Exception:  # not sent (too large, or the broker stayed away): nothing to wait for
+            self._waiting.pop(task.task_id, None)
+            raise
         return task.task_id
 
     async def run(
         self,
         service: str,
+        /,
         *,
         session_id: str | None = None,
         task_id: str | None = None,
@@ -379,8 +385,10 @@ class Client:
         """Delete an ended task's record, event log, inbox and checkpoint now rather than at
         its TTL; False if there was no record. A task that has not ended is refused
         (QueryFailed "TaskNotEnded"): cancel it and wait for it first."""
-        return await self._ask(
+        deleted = await self._ask(
             Query(kind="delete_task", task_id=task_id, reply_to=self._reply_to))
+        self._outcomes.pop(task_id, None)  # the id may be used again
+        return deleted
 
     async def status(self, task_id: str) -> str | None:
         record = await self.get_task(task_id)

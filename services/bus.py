@@ -34,7 +34,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from conveyor.contracts import MAX_MESSAGE_BYTES, QueueMessage, encode, topic
+from conveyor.contracts import MAX_MESSAGE_BYTES, MessageTooLarge, QueueMessage, encode, topic
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
 
 from . import telemetry
@@ -268,6 +268,10 @@ async def publish(
     twice (every handler takes duplicates), never silently lost.
     """
     body = encode(message)
+    if len(body) > MAX_MESSAGE_BYTES:  # every consumer would refuse it: refused here, unsent
+        raise MessageTooLarge(
+            f"{message.action.value} of {len(body)} bytes is over the limit of "
+            f"{MAX_MESSAGE_BYTES} bytes; not sent to {topic}")
     try:
         # The first try goes without building a retrier: a publish seldom meets an outage.
         await _send(broker, settings, body, message.id, topic, key, partition, copy_to)

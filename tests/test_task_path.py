@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conveyor import BlockingClient, TaskFailed
+from conveyor import BlockingClient, MessageTooLarge, TaskFailed
 
 from .deployment import eventually
 
@@ -92,6 +92,18 @@ async def test_unserializable_result_fails_the_task_and_the_service_keeps_servin
         assert await client.run("echo", timeout=30, after="it") == {"echo": {"after": "it"}}
         again = await client.wait(await client.run_nowait("unserializable"), timeout=30)
         assert again.error.type == "ResultNotSerializable"  # the service itself still serves
+        with pytest.raises(TaskFailed) as raised:
+            await client.run("unserializable", size=1_200_000, timeout=30)
+        assert raised.value.error.type == "MessageTooLarge"
+        assert "outcome could not be sent" in raised.value.error.message
+        assert "over the limit of 1000000 bytes" in raised.value.error.message
+
+
+async def test_an_input_over_the_message_limit_is_refused_before_it_is_sent(deployment):
+    async with deployment.client() as client:
+        with pytest.raises(MessageTooLarge, match=r"new_task of \d+ bytes is over the limit"):
+            await client.run_nowait("echo", task_id="too-big", text="x" * 1_000_000)
+        assert await client.get_task("too-big") is None  # nothing reached the broker
 
 
 async def test_services_lists_registered_instances(deployment):

@@ -190,7 +190,10 @@ class TaskRun:
             self._handler = handler = self.workflow.run(ctx=ctx)
         else:
             ctx = Context.from_dict(self.workflow, {"state": self.state}) if self.state else None
-            self._handler = handler = self.workflow.run(ctx=ctx, **self.task.input)
+            # The start event is built here, so that input fields named like run()'s own
+            # arguments (ctx, start_event, run_id) reach the workflow as fields.
+            start = self.workflow.start_event_class(**self.task.input)
+            self._handler = handler = self.workflow.run(ctx=ctx, start_event=start)
         held, self._held = self._held, []
         for item in held:
             self._send(*item)
