@@ -193,15 +193,27 @@ async def test_workflow_schema_events_and_graph_come_from_registration(client):
     assert graph.graph.nodes
 
 
-async def test_every_route_but_health_demands_the_token(gateway):
-    async with httpx.AsyncClient(base_url=gateway) as anonymous:
-        health = await anonymous.get("/health")
-        without = await anonymous.get("/workflows")
-        wrong = await anonymous.get("/handlers", headers={"Authorization": "Bearer nope"})
-        openapi = await anonymous.get("/openapi.json")
+# Open without the token: health, and the dashboard's static page and script (they hold no
+# data: the page asks for the token and sends it with every call to its data routes).
+PUBLIC = {"/health", "/dashboard", "/dashboard/dashboard.js"}
 
-    assert health.status_code == 200
-    assert [without.status_code, wrong.status_code, openapi.status_code] == [401, 401, 401]
+
+async def test_every_route_but_health_demands_the_token(gateway, http):
+    paths = (await http.get("/openapi.json")).json()["paths"]
+    asked = {}
+    async with httpx.AsyncClient(base_url=gateway) as anonymous:
+        for path, methods in paths.items():
+            concrete = path.format(name="echo", handler_id="x", task_id="x", action="cancel")
+            for method in methods:
+                for headers in ({}, {"Authorization": "Bearer nope"}):
+                    answer = await anonymous.request(method, concrete, headers=headers)
+                    asked[(method, path, bool(headers))] = answer.status_code
+        without = await anonymous.get("/workflows")
+
+    assert {key: code for key, code in asked.items() if key[1] not in PUBLIC} == {
+        key: 401 for key in asked if key[1] not in PUBLIC}
+    assert {code for key, code in asked.items() if key[1] in PUBLIC} == {200}
+    assert len(asked) == 2 * sum(len(methods) for methods in paths.values())
     assert "Bearer" in without.json()["detail"]
 
 
@@ -256,6 +268,44 @@ async def test_malformed_requests_get_a_4xx_that_names_the_problem(http):
     assert bad_status.status_code == 422 and "running" in bad_status.text
     assert untyped_event.status_code == 422 and "type" in untyped_event.text
     assert bad_sequence.status_code == 422 and "after_sequence" in bad_sequence.text
+
+
+async def test_requests_that_used_to_break_the_gateway_get_a_4xx(http):
+    """Each of these answered 500 once: start event fields named like the arguments of
+    Client.run_nowait or Workflow.run, an event whose qualified_name is not text, a start
+    event over the broker's message limit."""
+    fields = {"service": "x", "ctx": 1, "run_id": 2, "start_event": 3}
+    own_arguments = await http.post("/workflows/echo/run", json={"start_event": fields})
+    named_self = await http.post("/workflows/echo/run", json={"start_event": {"self": 1}})
+    started = (await http.post("/workflows/greeter/run-nowait", json={})).json()
+    bad_name = await http.post(f"/events/{started['handler_id']}", json={
+        "event": {"type": "HumanResponseEvent", "qualified_name": 5, "value": {}}})
+    await http.post(f"/handlers/{started['handler_id']}/cancel")
+    too_large = await http.post("/workflows/echo/run-nowait",
+                                json={"start_event": {"text": "x" * 1_000_000}})
+
+    assert own_arguments.status_code == 200, own_arguments.text
+    assert own_arguments.json()["result"]["value"] == {"result": {"echo": fields}}
+    # A StartEvent cannot have a field named self: the task fails and says so.
+    assert named_self.status_code == 200 and named_self.json()["status"] == "failed"
+    assert "'self'" in named_self.json()["error"]
+    assert bad_name.status_code == 422 and "qualified_name" in bad_name.text
+    assert too_large.status_code == 413
+    assert "over the limit of 1000000 bytes" in too_large.json()["detail"]
+
+
+async def test_a_running_handler_is_202_and_a_drained_stream_is_204(http):
+    running = (await http.post("/workflows/slow/run-nowait",
+                               json={"start_event": {"seconds": 60}})).json()["handler_id"]
+    ended = (await http.post("/workflows/echo/run", json={"start_event": {}})).json()
+
+    while_running = await http.get(f"/handlers/{running}")
+    await http.post(f"/handlers/{running}/cancel")
+    drained = await http.get(f"/events/{ended['handler_id']}", params={"after_sequence": 0})
+
+    assert while_running.status_code == 202 and while_running.json()["status"] == "running"
+    assert ended["status"] == "completed"
+    assert drained.status_code == 204
 
 
 async def test_metrics_serve_the_deployment_and_broker_figures_as_prometheus_text(

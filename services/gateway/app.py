@@ -15,9 +15,10 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from conveyor import Client, PublishFailed, QueryFailed
+from conveyor import Client, MessageTooLarge, PublishFailed, QueryFailed
 
 from . import dashboard, events, metrics
 from .protocol import (
@@ -108,6 +109,16 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def no_answer(request: Request, exc: TimeoutError) -> JSONResponse:
         return JSONResponse({"detail": str(exc) or "the control plane did not answer"},
                             status_code=503)
+
+    @app.exception_handler(ValidationError)
+    async def invalid(request: Request, exc: ValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc'])) or exc.title}: {error['msg']}"
+                             for error in exc.errors(include_url=False)[:5])
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(MessageTooLarge)
+    async def too_large(request: Request, exc: MessageTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
 
     @app.exception_handler(PublishFailed)
     async def broker_away(request: Request, exc: PublishFailed) -> JSONResponse:

@@ -4,10 +4,13 @@ The models mirror `llama_agents.client.protocol` (0.4.x) field for field, so tha
 unmodified `WorkflowClient` reads our answers; the gateway does not import that package.
 """
 
+import inspect
 import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from conveyor import Client
 
 Status = Literal["running", "completed", "failed", "cancelled"]
 
@@ -23,8 +26,8 @@ FINISHED = frozenset({"completed", "failed", "cancelled"})
 # Keywords of Client.run_nowait itself: a start event field of that name would be taken
 # as the keyword, not passed to the workflow.
 RESERVED_FIELDS = frozenset(
-    {"service", "session_id", "task_id", "parent_task_id", "max_retries", "attempt_timeout"}
-)
+    name for name, parameter in inspect.signature(Client.run_nowait).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 class EventEnvelopeWithMetadata(BaseModel):
@@ -145,6 +148,9 @@ def event_to_send(event: dict[str, Any] | str) -> dict[str, Any]:
     """The envelope {"type", "qualified_name", "value"} of an event a client sends in."""
     event = _json_object(event, "event")
     qualified_name = event.get("qualified_name")
+    if qualified_name is not None and not isinstance(qualified_name, str):
+        raise BadRequest("the 'qualified_name' of 'event' must be text, e.g. "
+                         '"workflows.events.HumanResponseEvent"')
     kind = event.get("type") or (qualified_name.rsplit(".", 1)[-1]
                                  if isinstance(qualified_name, str) else None)
     if not isinstance(kind, str) or not kind:
