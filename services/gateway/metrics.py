@@ -54,8 +54,9 @@ class _Deployment:
             retries.add_metric([service], count)
         yield retries
         durations = HistogramMetricFamily(
-            "conveyor_task_duration_seconds", "Seconds from a task's start to its end, of the "
-            "finished tasks held, by service", labels=["service"])
+            "conveyor_task_duration_seconds", "Seconds from a task's creation (its wait in the "
+            "queue included) to its end, of the finished tasks held, by service",
+            labels=["service"])
         bounds = figures["bucket_bounds"]
         for service, found in figures["durations"].items():
             buckets = [(str(bound), n) for bound, n in zip(bounds, found["buckets"], strict=True)]
