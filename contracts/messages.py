@@ -218,6 +218,9 @@ class Heartbeat(Payload):
     service: str = Field(pattern=NAME_PATTERN)
     instance_id: str
     running: list[RunningTask] = Field(default_factory=list)
+    max_concurrent_tasks: int | None = Field(
+        default=None, ge=1, description="as registered: every orchestrator replica learns the "
+        "service's limit from it, not only the one the registration reached")
 
 
 class DeregisterService(Payload):

@@ -46,10 +46,11 @@ def most_at_once(results: list[dict]) -> int:
     return peak
 
 
-async def test_a_service_limit_holds_across_its_replicas(replicated):
+async def test_a_service_limit_holds_across_its_replicas_and_orchestrators(replicated):
     deployment = replicated(CONVEYOR_MAX_CONCURRENT_TASKS="4",
                             CONVEYOR_SERVICE_MAX_CONCURRENT_TASKS="2")
-    deployment.start("control-plane", "orchestrator", "work", "work#2")
+    # Two orchestrators: each must hold to the limit, whichever saw the registration.
+    deployment.start("control-plane", "orchestrator", "orchestrator#2", "work", "work#2")
     await deployment.ready("work")
     async with deployment.client() as client:
         [service] = [s for s in await client.list_services() if s["name"] == "work"]

@@ -240,7 +240,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
             case RegisterServiceMessage(data=registration):
                 known[registration.service] = registration.max_concurrent_tasks
             case HeartbeatMessage(data=beat):
-                known.setdefault(beat.service, None)  # leases: the worker renews its own
+                # Replicas of the orchestrator share the registry's messages: a replica the
+                # registration did not reach learns the service and its limit here. (Leases:
+                # each worker renews its own.)
+                known[beat.service] = beat.max_concurrent_tasks
 
     async def recover_forever() -> None:
         """Re-dispatch, as their next attempt, the tasks whose worker stopped heartbeating."""

@@ -353,6 +353,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             beat = Heartbeat(
                 service=name, instance_id=instance_id,
                 running=[RunningTask(task_id=t, attempt=a) for t, a in running.items()],
+                max_concurrent_tasks=settings.service_max_concurrent_tasks,
             )
             try:
                 await emit(HeartbeatMessage(type=REGISTRY, publisher_id=instance_id, data=beat),
