@@ -63,13 +63,34 @@ async def test_a_service_limit_holds_across_its_replicas_and_orchestrators(repli
     assert peak <= 2
 
 
+async def test_a_long_task_holds_up_no_other_task_on_its_replica(replicated):
+    """One replica of 3 places: a 12 s task takes one, and 20 short ones share the two
+    others, all done before it is. (On Kafka a partition feeds its consumer in order: a
+    run there must not keep the consumer from the dispatches behind it.)"""
+    deployment = replicated(CONVEYOR_MAX_CONCURRENT_TASKS="3")
+    deployment.start("control-plane", "orchestrator", "work")
+    await deployment.ready("work")
+    async with deployment.client() as client:
+        long = await client.run_nowait("work", n=-1, seconds=12)
+        ids = [await client.run_nowait("work", n=n, seconds=0.2) for n in range(20)]
+        short = [await client.result(i, timeout=60) for i in ids]
+        held_up = await client.result(long, timeout=60)
+    last_short = max(r["ended"] for r in short)
+    peak = most_at_once([*short, held_up])
+    print(f"found: the 20 short tasks done {held_up['ended'] - last_short:.1f} s before the "
+          f"long one; at most {peak} ran at once")
+    assert [r["n"] for r in short] == list(range(20))
+    assert last_short < held_up["ended"] - 5
+    assert peak <= 3
+
+
 async def test_replicas_come_and_go_under_load_and_every_task_completes_once(
         replicated, tmp_path):
     """3 replicas of a service and 2 of the control plane and the orchestrator; 1,000 tasks,
     each streaming 3 events; meanwhile a service replica is killed (kill -9), two are added,
     one is stopped (SIGTERM), and a control plane and an orchestrator are killed and
-    started again. On Kafka a partition feeds one consumer and each replica runs one
-    consumer per place (4 here): 16 partitions give each of up to 4 replicas its share."""
+    started again. On Kafka a partition feeds one consumer (a replica has one): 16
+    partitions give each of up to 5 replicas its share."""
     deployment = replicated(CONVEYOR_MAX_CONCURRENT_TASKS="4", CONVEYOR_KAFKA_PARTITIONS="16")
     deployment.start("control-plane", "control-plane#2", "orchestrator", "orchestrator#2",
                      "work", "work#2", "work#3")

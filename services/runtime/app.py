@@ -80,9 +80,17 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     running: dict[str, int] = {}
     holding: dict[str, TaskRun] = {}
     runs: dict[str, asyncio.Task] = {}
-    jobs: dict[str, tuple[int, asyncio.Task]] = {}  # task id -> its attempt run here, and run
+    # task id -> its attempt run here, the run, and when it was claimed
+    jobs: dict[str, tuple[int, asyncio.Task, asyncio.Future]] = {}
     stopping: dict[str, str] = {}  # why a run was stopped on request, when not cancelled
     draining = False  # stopping: new dispatches go back to the broker
+    # On Kafka a partition feeds one consumer, in order: a handler that waited for its run
+    # would hold up every dispatch behind it on the partition. There the handler returns
+    # once the attempt is claimed (from then on its lease in the state store keeps it, and
+    # the orchestrator's sweep takes it over should this process die), the run goes on
+    # detached, and the next dispatch is taken only when a place is free.
+    detached = settings.broker_kind == "kafka"
+    places = asyncio.Semaphore(settings.max_concurrent_tasks)
     # Nested workflows: inner tasks are started and awaited over this service's connection.
     caller = Client(settings=settings, broker=broker, publisher_id=instance_id)
     heartbeats: asyncio.Task | None = None
@@ -92,16 +100,31 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     async def emit(message, to: str, key: str | None = None) -> None:
         await publish(broker, settings, message, to, key=key)
 
-    async def run(dispatch: DispatchTask) -> None:
+    async def run(dispatch: DispatchTask, claimed: asyncio.Future) -> None:
         """Run an attempt, holding its lease (renewed by the heartbeats, which report it as
         running here) from its claim until its outcome is with the broker and marked
-        reported, or until it lets go."""
+        reported, or until it lets go. `claimed` is resolved once the attempt is claimed
+        (or found not to be this instance's to run)."""
         try:
-            await run_attempt(dispatch)
+            await run_attempt(dispatch, claimed)
         finally:
             running.pop(dispatch.task.task_id, None)
+            if not claimed.done():
+                claimed.set_result(None)
 
-    async def run_attempt(dispatch: DispatchTask) -> None:
+    async def hand_back(dispatch: DispatchTask) -> None:
+        """Let go of a claimed attempt for another replica to take at once: the broker
+        delivers its message again (RabbitMQ), or, its Kafka offset being committed, the
+        dispatch is published again."""
+        async with engine.begin() as conn:
+            await release(conn, dispatch.task.task_id, dispatch.attempt, instance_id)
+            if detached:  # released only once the broker has it: else the lease runs out
+                await emit(DispatchTaskMessage(type=name, publisher_id=instance_id,
+                                               data=dispatch), own_topic, dispatch.task.task_id)
+        if not detached:
+            raise Redeliver(dispatch.task.task_id)
+
+    async def run_attempt(dispatch: DispatchTask, claimed: asyncio.Future) -> None:
         task = dispatch.task
         index = 0
 
@@ -127,15 +150,15 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         task_run = session_state = None
         try:
             start = await claim(dispatch)
+            claimed.set_result(None)
             if start.skip:
                 log.info("attempt %d of task %s not run: %s", dispatch.attempt, task.task_id,
                          start.skip)
                 forget_job(task.task_id, asyncio.current_task())  # a later dispatch may run
                 return
             if draining:  # claimed while this replica began to stop: not started here
-                async with engine.begin() as conn:
-                    await release(conn, task.task_id, dispatch.attempt, instance_id)
-                raise Redeliver(task.task_id)
+                await hand_back(dispatch)
+                return
             running[task.task_id] = dispatch.attempt
             resumed = start.checkpoint
             if resumed is not None:
@@ -164,9 +187,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             why = stopping.pop(task.task_id, "cancelled")
             log.info("task %s %s", task.task_id, why)
             if why == HANDED_BACK:
-                async with engine.begin() as conn:
-                    await release(conn, task.task_id, dispatch.attempt, instance_id)
-                raise Redeliver(task.task_id) from None
+                await hand_back(dispatch)
             return  # on request: the orchestrator has told the control plane
         except StaleAttempt as exc:
             log.warning("task %s stopped: %s", task.task_id, exc)
@@ -276,7 +297,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                     await task_run.checkpoint()  # what it has done so far, kept
                     runner.cancel()
 
-    @subscribe(broker, settings, own_topic, own_topic, concurrency=settings.max_concurrent_tasks)
+    # RabbitMQ hands a replica as many dispatches as it has places; on Kafka one consumer
+    # takes them (its runs detached), pausing while every place is taken.
+    @subscribe(broker, settings, own_topic, own_topic,
+               concurrency=1 if detached else settings.max_concurrent_tasks)
     async def on_dispatch(body: bytes) -> None:
         try:
             message = parse_message(body)
@@ -290,9 +314,18 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         if draining:
             await asyncio.sleep(0.5)  # let a replica that is not stopping take it
             raise Redeliver(message.data.task.task_id)
-        await asyncio.shield(job_for(message.data))
+        if not detached:
+            await asyncio.shield(job_for(message.data)[0])
+            return
+        task_id, attempt = message.data.task.task_id, message.data.attempt
+        if jobs.get(task_id, (None,))[0] == attempt:
+            return  # running here already: its message came again
+        await places.acquire()
+        job, claimed = job_for(message.data)
+        job.add_done_callback(lambda _: places.release())
+        await asyncio.shield(claimed)
 
-    def job_for(dispatch: DispatchTask) -> asyncio.Task:
+    def job_for(dispatch: DispatchTask) -> tuple[asyncio.Task, asyncio.Future]:
         """The run of this attempt: started here, or the one already running here.
 
         A run is not the handler's own: when the connection drops, FastStream cancels the
@@ -302,13 +335,14 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         task_id, attempt = dispatch.task.task_id, dispatch.attempt
         found = jobs.get(task_id)
         if found is not None and found[0] == attempt:
-            return found[1]
-        job = asyncio.create_task(run(dispatch))
-        jobs[task_id] = (attempt, job)
+            return found[1], found[2]
+        claimed = asyncio.get_running_loop().create_future()
+        job = asyncio.create_task(run(dispatch, claimed))
+        jobs[task_id] = (attempt, job, claimed)
         # Kept a while after it ends: a redelivery may still be on its way.
         job.add_done_callback(lambda _: asyncio.get_running_loop().call_later(
             3 * settings.heartbeat_timeout, forget_job, task_id, job))
-        return job
+        return job, claimed
 
     def forget_job(task_id: str, job: asyncio.Task) -> None:
         if task_id in jobs and jobs[task_id][1] is job:
@@ -335,8 +369,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 with contextlib.suppress(Exception):  # the last checkpoint stands
                     await task_run.checkpoint()
             runner.cancel()
-        # Each handler then hands its message back; the broker stops once they have.
+        # Each handler then hands its message back (or, on Kafka, each run publishes its
+        # dispatch again); the broker stops once they have.
         await asyncio.gather(*(runner for _, runner in handed_back), return_exceptions=True)
+        await asyncio.gather(*(job for _, job, _ in list(jobs.values())), return_exceptions=True)
 
     async def beat_forever() -> None:
         """Renew the leases of the tasks this instance holds, in the state store (so that

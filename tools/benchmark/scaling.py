@@ -22,10 +22,9 @@ REPLICAS = (1, 2, 4)
 # bottleneck. With 4 at a time a single replica already outruns them: the table would show
 # only their limit.
 MAX_CONCURRENT_TASKS = 1
-# A Kafka partition feeds one consumer (a replica has one per task it may run at once): with
-# fewer partitions than consumers at the largest count, some sit idle and adding replicas
-# cannot help.
-KAFKA_PARTITIONS = max(REPLICAS) * MAX_CONCURRENT_TASKS
+# A Kafka partition feeds one consumer (a replica has one): with fewer partitions than
+# replicas at the largest count, some sit idle and adding replicas cannot help.
+KAFKA_PARTITIONS = max(REPLICAS)
 
 
 def figure(replicas: int) -> str:
