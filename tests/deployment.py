@@ -1,6 +1,7 @@
 """Real Conveyor processes for integration tests: start, kill -9, restart, read their logs."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -132,6 +133,16 @@ class Deployment:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                          for p in sorted(self.workdir.glob("*.log")))
+
+    def lines_about(self, task_id: str, *parts: str) -> list[dict]:
+        """The log records of `parts` (run with CONVEYOR_LOG_FORMAT=json: every line must
+        be one JSON object) whose message names the task, each with its part as "part"."""
+        found = []
+        for part in parts:
+            for line in (self.workdir / f"{part}.log").read_text().splitlines():
+                if line.strip() and task_id in (record := json.loads(line))["message"]:
+                    found.append({**record, "part": part})
+        return found
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """`conveyor ARGS...` against this deployment, as from a shell."""

@@ -257,8 +257,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
         async with engine.begin() as conn:
             expired = await state.take_expired(conn, settings.heartbeat_timeout)
             for item in expired:
-                log.warning("task %s: its worker went silent; dispatching attempt %d",
-                            item["task"]["task_id"], item["attempt"])
+                task_id = item["task"]["task_id"]
+                with telemetry.resumed(task_id, item["trace"]):  # the line joins the task's
+                    log.warning("task %s: its worker went silent; dispatching attempt %d",
+                                task_id, item["attempt"])
                 await redispatch(item["task"], item["attempt"], item["trace"])
             if expired:
                 await counters.add(conn, counters.RECOVERED, len(expired))

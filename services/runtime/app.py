@@ -79,6 +79,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     running: dict[str, int] = {}
     holding: dict[str, TaskRun] = {}
     runs: dict[str, asyncio.Task] = {}
+    traces: dict[str, dict | None] = {}  # each run's trace, for lines logged outside the run
     jobs: dict[str, tuple[int, asyncio.Task]] = {}  # task id -> its attempt run here, and run
     stopping: dict[str, str] = {}  # why a run was stopped on request, when not cancelled
     draining = False  # stopping: new dispatches go back to the broker
@@ -155,6 +156,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 runs[task.task_id] = runner = asyncio.create_task(task_run.run())
             finally:
                 current_caller.reset(token)
+            traces[task.task_id] = telemetry.carrier()
             outcome.result = await runner
             if task.session_id:
                 async with engine.begin() as conn:
@@ -189,6 +191,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         finally:
             holding.pop(task.task_id, None)
             runs.pop(task.task_id, None)
+            traces.pop(task.task_id, None)
         outcome.events = index
         outcome.steps = task_run.steps if task_run else {}
         await report(outcome, streamed=task.stream)
@@ -250,6 +253,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except InvalidMessage as exc:
             log.warning("unreadable message on %s: %s", broadcast_topic(ns, name), exc)
             return
+        telemetry.tag(message)
         match message:
             case SendEventMessage(data=sent) if sent.seq is not None:
                 task_run = holding.get(sent.task_id)
@@ -320,12 +324,13 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                                return_when=asyncio.FIRST_COMPLETED)
         handed_back = list(runs.items())
         for task_id, runner in handed_back:
-            log.info("stopping: task %s handed back", task_id)
-            stopping[task_id] = HANDED_BACK
-            if (task_run := holding.get(task_id)) is not None:
-                with contextlib.suppress(Exception):  # the last checkpoint stands
-                    await task_run.checkpoint()
-            runner.cancel()
+            with telemetry.resumed(task_id, traces.get(task_id)):
+                log.info("stopping: task %s handed back", task_id)
+                stopping[task_id] = HANDED_BACK
+                if (task_run := holding.get(task_id)) is not None:
+                    with contextlib.suppress(Exception):  # the last checkpoint stands
+                        await task_run.checkpoint()
+                runner.cancel()
         # Each handler then hands its message back; the broker stops once they have.
         await asyncio.gather(*(runner for _, runner in handed_back), return_exceptions=True)
 
