@@ -134,15 +134,24 @@ class Deployment:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                          for p in sorted(self.workdir.glob("*.log")))
 
-    def lines_about(self, task_id: str, *parts: str) -> list[dict]:
-        """The log records of `parts` (run with CONVEYOR_LOG_FORMAT=json: every line must
-        be one JSON object) whose message names the task, each with its part as "part"."""
+    def records(self, part: str) -> list[dict]:
+        """The part's log lines, run with CONVEYOR_LOG_FORMAT=json: each must be one JSON
+        object."""
         found = []
-        for part in parts:
-            for line in (self.workdir / f"{part}.log").read_text().splitlines():
-                if line.strip() and task_id in (record := json.loads(line))["message"]:
-                    found.append({**record, "part": part})
+        for line in (self.workdir / f"{part}.log").read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"{part} logged a line that is not JSON: {line}") from None
         return found
+
+    def lines_about(self, task_id: str, *parts: str) -> list[dict]:
+        """The JSON log records of `parts` whose message names the task, each with its part
+        as "part"."""
+        return [{**record, "part": part} for part in parts for record in self.records(part)
+                if task_id in record["message"]]
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """`conveyor ARGS...` against this deployment, as from a shell."""

@@ -42,7 +42,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
 
-from .. import checkpoints, counters, database, sessions, telemetry
+from .. import checkpoints, counters, database, logs, sessions, telemetry
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -362,5 +362,7 @@ async def _tell_outcome(
 def __getattr__(name: str) -> FastStream:
     # `faststream run conveyor.services.control_plane.app:app` builds the app from the environment.
     if name == "app":
-        return create_app()
+        settings = load()
+        logs.configure(settings)  # as `conveyor control-plane` does before it calls create_app
+        return create_app(settings)
     raise AttributeError(name)

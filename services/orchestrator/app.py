@@ -41,7 +41,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY, REGISTRY
 
-from .. import counters, database, telemetry
+from .. import counters, database, logs, telemetry
 from ..bus import create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -302,5 +302,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
 def __getattr__(name: str) -> FastStream:
     # `faststream run conveyor.services.orchestrator.app:app` builds the app from the environment.
     if name == "app":
-        return create_app()
+        settings = load()
+        logs.configure(settings)  # as `conveyor orchestrator` does before it calls create_app
+        return create_app(settings)
     raise AttributeError(name)

@@ -48,7 +48,7 @@ from conveyor.contracts import (
 from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 from conveyor.remote import Caller, current_caller
 
-from .. import checkpoints, database, sessions, telemetry
+from .. import checkpoints, database, logs, sessions, telemetry
 from ..bus import Redeliver, create_broker, declare_system_queues, publish, subscribe
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
@@ -400,5 +400,7 @@ def __getattr__(name: str) -> FastStream:
     # `faststream run conveyor.services.runtime.app:app` with CONVEYOR_SERVICE_NAME and
     # CONVEYOR_WORKFLOW set builds a workflow service from the environment.
     if name == "app":
-        return create_app()
+        settings = load(RuntimeSettings)
+        logs.configure(settings)  # as `conveyor serve` does before it calls create_app
+        return create_app(settings)
     raise AttributeError(name)
