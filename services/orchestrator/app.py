@@ -41,7 +41,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY, REGISTRY
 
-from .. import counters, database, logs, telemetry
+from .. import counters, database, health, logs, telemetry
 from ..bus import create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -294,9 +294,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
         await declare_system_queues(broker, settings)
         sweeper = asyncio.create_task(recover_forever())
 
-    return FastStream(broker, logger=logging.getLogger("conveyor.app"),
-                      on_startup=[start], after_startup=[declare],
-                      on_shutdown=[stop_sweeping], after_shutdown=[stop])
+    app = FastStream(broker, logger=logging.getLogger("conveyor.app"),
+                     on_startup=[start], after_startup=[declare],
+                     on_shutdown=[stop_sweeping], after_shutdown=[stop])
+    return health.watched(app, settings)
 
 
 def __getattr__(name: str) -> FastStream:

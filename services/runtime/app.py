@@ -48,7 +48,7 @@ from conveyor.contracts import (
 from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 from conveyor.remote import Caller, current_caller
 
-from .. import checkpoints, database, logs, sessions, telemetry
+from .. import checkpoints, database, health, logs, sessions, telemetry
 from ..bus import Redeliver, create_broker, declare_system_queues, publish, subscribe
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
@@ -391,9 +391,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         if engine is not None:
             await engine.dispose()
 
-    return FastStream(broker, logger=logging.getLogger("conveyor.app"),
-                      on_startup=[connect], after_startup=[register],
-                      on_shutdown=[drain, deregister], after_shutdown=[disconnect])
+    app = FastStream(broker, logger=logging.getLogger("conveyor.app"),
+                     on_startup=[connect], after_startup=[register],
+                     on_shutdown=[drain, deregister], after_shutdown=[disconnect])
+    return health.watched(app, settings)
 
 
 def __getattr__(name: str) -> FastStream:
