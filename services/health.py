@@ -5,7 +5,6 @@ listen on no port, and a check that started a Python client would cost a second 
 """
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 from faststream import FastStream
@@ -33,10 +32,9 @@ def watched(app: FastStream, settings: Settings) -> FastStream:
 
     @app.on_shutdown
     async def stop() -> None:
-        if toucher is not None:
+        if toucher is not None:  # one that failed to touch the file has left it stale
             toucher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await toucher
+            await asyncio.gather(toucher, return_exceptions=True)
 
     @app.after_shutdown
     def stopped() -> None:
