@@ -47,6 +47,8 @@ async def test_a_nested_task_is_one_trace_across_every_process(fresh_deployment,
         async with deployment.client() as client:
             await client.run_nowait("flaky", task_id=steered, log=str(runs), hang=60)
             await eventually(lambda: noted(runs, "run"), timeout=30)
+            # Recorded by the control plane, which refuses events for a task it doesn't know.
+            await eventually(lambda: status_is(client, steered, "running"), timeout=30)
             # A Progress event (sample_workflows) without its fields: it does not validate.
             await client.send_event(steered, {"type": "Progress", "value": {}})
             await client.cancel(steered)
@@ -124,10 +126,14 @@ async def test_a_task_recovered_after_kill9_of_its_worker_stays_in_its_trace(fre
         deployment.overrides = {**traced(receiver), "CONVEYOR_HEARTBEAT_TIMEOUT": "3"}
         deployment.start("control-plane", "orchestrator", "slow")
         await deployment.ready("slow")
-        task_id = f"recovered-{uuid.uuid4().hex[:8]}"
-        sent = deployment.cli("publish", "slow", "--input", '{"seconds": 3}', "--task-id", task_id)
-        assert sent.returncode == 0, sent.stderr
         async with deployment.client() as client:
+            # "running" is read from the control plane's record: on Kafka its consumer of
+            # the front door may join well after the task of ready() has run.
+            await eventually(lambda: client.list_tasks(service="slow"), timeout=60)
+            task_id = f"recovered-{uuid.uuid4().hex[:8]}"
+            sent = deployment.cli("publish", "slow", "--input", '{"seconds": 3}',
+                                  "--task-id", task_id)
+            assert sent.returncode == 0, sent.stderr
             await eventually(lambda: status_is(client, task_id, "running"), timeout=30)
             deployment.kill("slow")
 
