@@ -132,7 +132,7 @@ def gateway(
     async def run() -> None:
         from conveyor.client import Client
 
-        client = Client(settings=settings, publisher_id="gateway",
+        client = Client(settings=settings, publisher_id="gateway", part="gateway",
                         middlewares=(broker_middleware(settings),))
         try:
             await client.start()

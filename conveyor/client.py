@@ -123,10 +123,13 @@ class Client:
         settings: Settings | None = None,
         broker: Broker | None = None,
         middlewares: tuple = (),
+        part: str = "client",
     ) -> None:
         """With `broker`, the client rides on a broker connection its owner starts and stops
         (a workflow service's, for nested workflows); otherwise it makes its own, with
-        `middlewares` (FastStream broker middlewares) added."""
+        `middlewares` (FastStream broker middlewares) added. A process that exports spans
+        names them after its first broker's `part` unless OTEL_SERVICE_NAME is set: "client",
+        or "gateway" for the gateway's."""
         overrides = {"broker_url": broker_url, "namespace": namespace}
         self.settings: Settings = settings or load(
             **{k: v for k, v in overrides.items() if v is not None}
@@ -136,7 +139,7 @@ class Client:
         self._id = new_id()[:12]
         self._reply_to = reply_topic(self.settings.namespace, self._id)
         self._owns_broker = broker is None
-        self._broker = broker or create_broker(self.settings, "client", always_trace=True,
+        self._broker = broker or create_broker(self.settings, part, always_trace=True,
                                                middlewares=middlewares)
         self._waiting: dict[str, asyncio.Future] = {}
         self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     ttl_cancelled: float = Field(default=7 * 86400, gt=0)
     cleanup_interval: float = Field(default=60.0, gt=0, description="seconds between sweeps "
                                     "for tasks past their TTL")
+    health_file: str | None = Field(
+        default=None, description="a file the part touches every heartbeat interval while "
+        "its event loop runs and its broker connection is up, for container healthchecks")
     signing_key: SecretStr | None = Field(
         default=None,
         description="HMAC key of stored checkpoints; generated once and kept with the state",

@@ -1,6 +1,7 @@
 """Real Conveyor processes for integration tests: start, kill -9, restart, read their logs."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -133,6 +134,25 @@ class Deployment:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                          for p in sorted(self.workdir.glob("*.log")))
+
+    def records(self, part: str) -> list[dict]:
+        """The part's log lines, run with CONVEYOR_LOG_FORMAT=json: each must be one JSON
+        object."""
+        found = []
+        for line in (self.workdir / f"{part}.log").read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"{part} logged a line that is not JSON: {line}") from None
+        return found
+
+    def lines_about(self, task_id: str, *parts: str) -> list[dict]:
+        """The JSON log records of `parts` whose message names the task, each with its part
+        as "part"."""
+        return [{**record, "part": part} for part in parts for record in self.records(part)
+                if task_id in record["message"]]
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """`conveyor ARGS...` against this deployment, as from a shell."""

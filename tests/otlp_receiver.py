@@ -1,6 +1,7 @@
 """A real OTLP/HTTP trace receiver for tests: what the exporters of other processes send,
-decoded with opentelemetry-proto."""
+decoded with opentelemetry-proto; and the check of their JSON log lines against it."""
 
+import contextlib
 import gzip
 import threading
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from .deployment import eventually
 
 
 @dataclass
@@ -73,3 +76,28 @@ class Receiver:
     def __exit__(self, *exc_info) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def traced(receiver: Receiver) -> dict[str, str]:
+    """The environment of parts that export their spans to `receiver` and log JSON."""
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "CONVEYOR_LOG_FORMAT": "json"}
+
+
+def untagged(deployment, spans: list[Span], task_id: str, *parts: str) -> list[dict]:
+    """The log lines of `parts` that name the task but carry another task id (or none), or
+    a trace id that none of the task's spans is in."""
+    traces = {s.trace_id for s in spans if s.attributes.get("conveyor.task_id") == task_id}
+    return [r for r in deployment.lines_about(task_id, *parts)
+            if r["task_id"] != task_id or r["trace_id"] not in traces]
+
+
+async def spans_of_logged_traces(deployment, spans: list[Span], parts, *task_ids: str) -> None:
+    """Wait a while for the spans that the log lines naming the tasks are checked against:
+    they are exported in batches, after they end. The assertions then say what is missing."""
+
+    async def arrived() -> bool:
+        return not any(untagged(deployment, spans, t, *parts) for t in task_ids)
+
+    with contextlib.suppress(TimeoutError):
+        await eventually(arrived, timeout=15)

@@ -1,6 +1,8 @@
-"""compose.yaml without a Docker engine: valid Compose, real commands, real settings."""
+"""compose.yaml without a Docker engine: valid Compose, real commands, real settings, a
+healthcheck for every service; and the README's table of settings."""
 
 import importlib.util
+import re
 import shlex
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import typer
 import yaml
+from opentelemetry.sdk import environment_variables as otel_variables
 from typer.testing import CliRunner
 from workflows import Workflow
 
@@ -22,7 +25,13 @@ from conveyor.services.settings import load
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose.yaml"
-EXPECTED_PARTS = {"control-plane", "orchestrator", "gateway", "echo", "slow"}
+# What `docker compose up` must start, on RabbitMQ; the kafka profile has a twin of each.
+EXPECTED_PARTS = {"control-plane", "orchestrator", "gateway", "echo", "slow", "counter",
+                  "greeter", "outer"}
+# Services that may have no healthcheck, each with the reason. None may, today.
+NO_HEALTHCHECK: dict[str, str] = {}
+OTEL_VARIABLES = {value for name, value in vars(otel_variables).items()
+                  if name.startswith("OTEL_")}
 
 
 def compose() -> dict:
@@ -32,6 +41,16 @@ def compose() -> dict:
 def conveyor_services() -> dict[str, dict]:
     """The services built from the project's Dockerfile, i.e. the Conveyor parts."""
     return {name: spec for name, spec in compose()["services"].items() if "build" in spec}
+
+
+PARTS = sorted(conveyor_services())  # both profiles'
+RABBIT_PARTS = sorted(n for n, spec in conveyor_services().items()
+                      if spec["profiles"] == ["rabbitmq"])
+
+
+def broker_of(spec: dict) -> str:
+    """The compose service of a part's broker: its profile's."""
+    return {"rabbitmq": "rabbitmq", "kafka": "kafka"}[spec["profiles"][0]]
 
 
 def environment(spec: dict) -> dict[str, str]:
@@ -97,18 +116,31 @@ def test_every_conveyor_part_is_a_service_built_from_the_one_dockerfile():
         assert (ROOT / dockerfile).is_file()
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))
+@pytest.mark.parametrize("name", PARTS)
 def test_each_part_waits_for_healthy_broker_and_state_store(name):
     everything = compose()["services"]
     depends_on = everything[name].get("depends_on") or {}
-    for needed in ("rabbitmq", "postgres"):
+    for needed in (broker_of(everything[name]), "postgres"):
         assert needed in depends_on, f"{name} does not depend on {needed}"
         assert depends_on[needed].get("condition") == "service_healthy"
         assert "healthcheck" in everything[needed], f"{needed} has no healthcheck"
     assert everything[name].get("restart") == "unless-stopped"
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))
+@pytest.mark.parametrize("name", sorted(compose()["services"]))
+def test_every_service_has_a_healthcheck(name):
+    spec = compose()["services"][name]
+    if name in NO_HEALTHCHECK:
+        assert "healthcheck" not in spec, f"{name} has one now: drop it from NO_HEALTHCHECK"
+        return
+    test = (spec.get("healthcheck") or {}).get("test")
+    assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name}: no healthcheck"
+    if "CONVEYOR_HEALTH_FILE" in " ".join(test):
+        # The part must be told where to touch it (test_health.py runs the check itself).
+        assert environment(spec).get("CONVEYOR_HEALTH_FILE", "").startswith("/"), name
+
+
+@pytest.mark.parametrize("name", PARTS)
 def test_each_command_is_a_real_conveyor_command(name):
     words = command_words(conveyor_services()[name])
     assert words, f"{name} has no command, so it would only print `conveyor --help`"
@@ -126,19 +158,29 @@ def test_each_command_is_a_real_conveyor_command(name):
         assert context.params["name"]
 
 
-def test_every_conveyor_variable_is_a_setting_the_code_reads():
+def settings_the_code_reads() -> set[str]:
     prefix = RuntimeSettings.model_config["env_prefix"].upper()
-    known = {prefix + field.upper()
-             for settings in (RuntimeSettings, GatewaySettings) for field in settings.model_fields}
-    used = {
-        (name, key)
-        for name, spec in compose()["services"].items()
-        for key in environment(spec)
-        if key.upper().startswith(prefix)
-    }
+    return {prefix + field.upper()
+            for settings in (RuntimeSettings, GatewaySettings) for field in settings.model_fields}
+
+
+def test_every_conveyor_and_otel_variable_is_a_setting_the_code_reads():
+    known = settings_the_code_reads()
+    used = {(name, key) for name, spec in compose()["services"].items()
+            for key in environment(spec) if key.startswith(("CONVEYOR_", "OTEL_"))}
     assert used, "compose.yaml sets no CONVEYOR_* variable"
-    unknown = sorted(f"{name}: {key}" for name, key in used if key.upper() not in known)
+    # OTEL_* are read by the OpenTelemetry SDK (OTEL_EXPORTER_OTLP_ENDPOINT by Conveyor too).
+    unknown = sorted(f"{name}: {key}" for name, key in used
+                     if key not in known and key not in OTEL_VARIABLES)
     assert not unknown, f"not settings of any part ({sorted(known)}): {unknown}"
+
+
+def test_the_readme_lists_every_setting_the_code_reads():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("\n## ", readme.index(
+        "## Configuration") + 1)]
+    listed = set(re.findall(r"`(CONVEYOR_[A-Z_]+)`", table))
+    assert not settings_the_code_reads() - listed, "missing from README's Configuration table"
 
 
 @pytest.mark.parametrize("name", ["gateway", "gateway-kafka"])
@@ -153,18 +195,23 @@ def test_the_dashboard_links_traces_to_the_jaeger_ui_compose_publishes(name, mon
     assert f"{jaeger.port}:{jaeger.port}" in everything["jaeger"]["ports"]
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))
+@pytest.mark.parametrize("name", PARTS)
 def test_each_part_environment_is_valid_configuration(name, monkeypatch):
     everything = compose()["services"]
     env = environment(everything[name])
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load(RuntimeSettings)
-    assert settings.broker_kind == "rabbit"
+    broker = broker_of(everything[name])
+    assert settings.broker_kind == {"rabbitmq": "rabbit", "kafka": "kafka"}[broker]
     # The broker and the state store are reached by their compose service names.
-    for url in (settings.broker_url, settings.state_url):
-        host = urlsplit(url).hostname
-        assert host in everything, f"{name}: {url} names host {host!r}, not a compose service"
+    hosts = [urlsplit(settings.state_url).hostname]
+    hosts += ([urlsplit(settings.broker_url).hostname] if broker == "rabbitmq" else
+              [urlsplit(f"//{server}").hostname for server in settings.kafka_servers])
+    assert set(hosts) == {broker, "postgres"}, f"{name}: {hosts}"
+    # Spans go to Jaeger's OTLP/HTTP port, which Jaeger opens.
+    assert env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://jaeger:4318", name
+    assert environment(everything["jaeger"]).get("COLLECTOR_OTLP_ENABLED") == "true"
 
 
 # The kafka profile
@@ -183,18 +230,21 @@ def test_rabbitmq_is_the_default_profile_and_kafka_profile_swaps_the_broker():
     assert "profiles" not in everything["postgres"] and "profiles" not in everything["jaeger"]
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_PARTS))
-def test_each_part_has_a_kafka_twin_with_the_same_command_on_kafka(name, monkeypatch):
+def test_the_parts_on_kafka_are_the_parts_on_rabbitmq():
+    assert set(EXPECTED_PARTS) <= set(RABBIT_PARTS)
+    assert set(PARTS) - set(RABBIT_PARTS) == {f"{name}-kafka" for name in RABBIT_PARTS}
+
+
+@pytest.mark.parametrize("name", RABBIT_PARTS)
+def test_each_part_has_a_kafka_twin_with_the_same_command_healthcheck_and_settings(name):
     everything = compose()["services"]
     rabbit, kafka = everything[name], everything[f"{name}-kafka"]
     assert kafka["profiles"] == ["kafka"] and rabbit["profiles"] == ["rabbitmq"]
     assert command_words(kafka) == command_words(rabbit)
-    assert kafka["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert kafka["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert kafka["healthcheck"] == rabbit["healthcheck"]
     assert "rabbitmq" not in kafka["depends_on"]
-    for key, value in environment(kafka).items():
-        monkeypatch.setenv(key, value)
-    settings = load(RuntimeSettings)
-    assert settings.broker_kind == "kafka"
-    assert {urlsplit(f"//{server}").hostname for server in settings.kafka_servers} <= set(
-        everything)
+    # Only the broker differs (the environment of each is checked above).
+    differs = {"CONVEYOR_BROKER_URL", "CONVEYOR_KAFKA_IDEMPOTENCE"}
+    rabbit_env, kafka_env = environment(rabbit), environment(kafka)
+    assert {k: v for k, v in rabbit_env.items() if k not in differs} == {
+        k: v for k, v in kafka_env.items() if k not in differs}

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from .deployment import eventually, noted, records_once_completed
+from .otlp_receiver import Receiver, spans_of_logged_traces, traced, untagged
 
 
 @pytest.mark.parametrize("part", ["control-plane", "orchestrator"])
@@ -188,17 +189,26 @@ async def test_a_replica_stopped_with_sigterm_finishes_or_hands_back_its_task(
     fresh_deployment, tmp_path, grace, seconds, steps,
 ):
     deployment = fresh_deployment
-    deployment.overrides = {"CONVEYOR_GRACE_PERIOD": grace, "CONVEYOR_MAX_CONCURRENT_TASKS": "1"}
-    deployment.start("control-plane", "orchestrator", "stepper", "stepper-b")
-    await deployment.ready("stepper")
-    log = tmp_path / "steps.log"
-    async with deployment.client() as client:
-        task_id = await client.run_nowait("stepper", log=str(log), seconds=seconds)
-        took = await sigterm_the_holder(deployment, client, task_id, log, grace)
-        result = await client.result(task_id, timeout=120)
-        record = await client.get_task(task_id)
+    parts = ("control-plane", "orchestrator", "stepper", "stepper-b")
+    with Receiver() as receiver:  # traced, so that its log lines can name the task's trace
+        deployment.overrides = {**traced(receiver), "CONVEYOR_GRACE_PERIOD": grace,
+                                "CONVEYOR_MAX_CONCURRENT_TASKS": "1"}
+        deployment.start(*parts)
+        await deployment.ready("stepper")
+        log = tmp_path / "steps.log"
+        async with deployment.client() as client:
+            task_id = await client.run_nowait("stepper", log=str(log), seconds=seconds)
+            took = await sigterm_the_holder(deployment, client, task_id, log, grace)
+            result = await client.result(task_id, timeout=120)
+            record = await client.get_task(task_id)
+        await spans_of_logged_traces(deployment, receiver.spans, parts, task_id)
     print(f"found: the replica exited in {took:.1f} s; steps run {log.read_text().split()}, "
           f"attempt {record['attempts']}")
     assert result == {"blob": 0}
     assert log.read_text().split() == steps
     assert took < float(grace) + 10
+    # The stopping replica's lines about the task (handed back or not) name it and its trace.
+    assert not untagged(deployment, receiver.spans, task_id, *parts)
+    handed_back = [r for r in deployment.lines_about(task_id, *parts) if "stopping" in r["message"]]
+    # Only a replica that hands the task back says so (step two then runs again elsewhere).
+    assert bool(handed_back) == (steps.count("two") == 2)

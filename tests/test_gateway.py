@@ -1,13 +1,16 @@
 """The HTTP gateway, as a user of llama-agents-client's unmodified WorkflowClient sees it,
 against real processes on both brokers."""
 
+import asyncio
+
 import httpx
 import pytest
 from llama_agents.client import WorkflowClient
 from prometheus_client.parser import text_string_to_metric_families
 from workflows.events import HumanResponseEvent, StartEvent
 
-from .deployment import Deployment, serving, start_gateway
+from .deployment import Deployment, eventually, serving, start_gateway
+from .otlp_receiver import Receiver
 
 TOKEN = "s3cret-token"
 ALLOWED_ORIGIN = "http://dashboard.example"
@@ -15,14 +18,19 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def gateways(broker_url, tmp_path_factory):
-    """A deployment with echo, greeter and slow, and two `conveyor gateway` processes in
-    front of it."""
+def deployment(broker_url, tmp_path_factory):
+    """A deployment with echo, greeter and slow."""
     with serving(Deployment(broker_url, tmp_path_factory.mktemp("gateway")),
                  "echo", "greeter", "slow") as deployment:
-        yield [start_gateway(deployment, name, CONVEYOR_GATEWAY_TOKEN=TOKEN,
-                             CONVEYOR_GATEWAY_CORS_ORIGINS=ALLOWED_ORIGIN)
-               for name in ("gateway", "gateway-b")]
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def gateways(deployment):
+    """Two `conveyor gateway` processes in front of the deployment."""
+    return [start_gateway(deployment, name, CONVEYOR_GATEWAY_TOKEN=TOKEN,
+                          CONVEYOR_GATEWAY_CORS_ORIGINS=ALLOWED_ORIGIN)
+            for name in ("gateway", "gateway-b")]
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +350,20 @@ async def test_openapi_describes_every_route(http):
         "/dashboard/api/tasks/{task_id}/{action}": {"post"},
         "/dashboard/api/throughput": {"get"},
     } == {path: set(methods) for path, methods in paths.items()}
+
+
+def test_a_traced_gateway_names_its_spans_gateway(deployment):
+    with Receiver() as receiver:
+        url = start_gateway(deployment, "gateway-traced", CONVEYOR_GATEWAY_TOKEN=TOKEN,
+                            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+                            OTEL_BSP_SCHEDULE_DELAY="100")
+        answer = httpx.post(f"{url}/workflows/echo/run", headers=AUTH, timeout=60,
+                            json={"start_event": {"message": "traced"}})
+        assert answer.status_code == 200, answer.text
+
+        async def exported() -> bool:
+            return bool(receiver.spans)
+
+        asyncio.run(eventually(exported, timeout=30))
+    # Only this gateway exports (the other parts were started without an endpoint).
+    assert {span.service for span in receiver.spans} == {"gateway"}

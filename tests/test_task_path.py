@@ -165,7 +165,9 @@ async def test_parts_run_under_faststream_run_too(broker_url, tmp_path):
 
     deployment = Deployment(broker_url, tmp_path)
     deployment.via_faststream = True
-    deployment.start("control-plane", "orchestrator", "echo")
+    deployment.overrides = {"CONVEYOR_LOG_FORMAT": "json"}  # configured as `conveyor` does
+    parts = ("control-plane", "orchestrator", "echo")
+    deployment.start(*parts)
     try:
         await deployment.ready("echo")
         async with deployment.client() as client:
@@ -174,3 +176,6 @@ async def test_parts_run_under_faststream_run_too(broker_url, tmp_path):
             }
     finally:
         deployment.stop()
+    for part in parts:  # every line JSON, FastStream's own "started" line too
+        records = deployment.records(part)
+        assert any("started" in r["message"] for r in records), f"{part}: {records}"

@@ -42,7 +42,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
 
-from .. import checkpoints, counters, database, sessions, telemetry
+from .. import checkpoints, counters, database, health, logs, sessions, telemetry
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -240,9 +240,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
             cleaner.cancel()
             await asyncio.gather(cleaner, return_exceptions=True)
 
-    return FastStream(broker, logger=logging.getLogger("conveyor.app"),
-                      on_startup=[start], after_startup=[declare],
-                      on_shutdown=[stop_cleaning], after_shutdown=[stop])
+    app = FastStream(broker, logger=logging.getLogger("conveyor.app"),
+                     on_startup=[start], after_startup=[declare],
+                     on_shutdown=[stop_cleaning], after_shutdown=[stop])
+    return health.watched(app, settings)
 
 
 async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage):
@@ -362,5 +363,7 @@ async def _tell_outcome(
 def __getattr__(name: str) -> FastStream:
     # `faststream run conveyor.services.control_plane.app:app` builds the app from the environment.
     if name == "app":
-        return create_app()
+        settings = load()
+        logs.configure(settings)  # as `conveyor control-plane` does before it calls create_app
+        return create_app(settings)
     raise AttributeError(name)

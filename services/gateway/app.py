@@ -55,7 +55,7 @@ def create_app(settings: GatewaySettings, client: Client | None = None) -> FastA
             app.state.client = client
             yield
             return
-        async with Client(settings=settings, publisher_id="gateway",
+        async with Client(settings=settings, publisher_id="gateway", part="gateway",
                           middlewares=(metrics.broker_middleware(settings),)) as own:
             app.state.client = own
             yield

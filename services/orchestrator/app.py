@@ -41,7 +41,7 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY, REGISTRY
 
-from .. import counters, database, telemetry
+from .. import counters, database, health, logs, telemetry
 from ..bus import create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
 from ..settings import Settings, load
@@ -260,8 +260,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
         async with engine.begin() as conn:
             expired = await state.take_expired(conn, settings.heartbeat_timeout)
             for item in expired:
-                log.warning("task %s: its worker went silent; dispatching attempt %d",
-                            item["task"]["task_id"], item["attempt"])
+                task_id = item["task"]["task_id"]
+                with telemetry.resumed(task_id, item["trace"]):  # the line joins the task's
+                    log.warning("task %s: its worker went silent; dispatching attempt %d",
+                                task_id, item["attempt"])
                 await redispatch(item["task"], item["attempt"], item["trace"])
             if expired:
                 await counters.add(conn, counters.RECOVERED, len(expired))
@@ -295,13 +297,16 @@ def create_app(settings: Settings | None = None) -> FastStream:
         await declare_system_queues(broker, settings)
         sweeper = asyncio.create_task(recover_forever())
 
-    return FastStream(broker, logger=logging.getLogger("conveyor.app"),
-                      on_startup=[start], after_startup=[declare],
-                      on_shutdown=[stop_sweeping], after_shutdown=[stop])
+    app = FastStream(broker, logger=logging.getLogger("conveyor.app"),
+                     on_startup=[start], after_startup=[declare],
+                     on_shutdown=[stop_sweeping], after_shutdown=[stop])
+    return health.watched(app, settings)
 
 
 def __getattr__(name: str) -> FastStream:
     # `faststream run conveyor.services.orchestrator.app:app` builds the app from the environment.
     if name == "app":
-        return create_app()
+        settings = load()
+        logs.configure(settings)  # as `conveyor orchestrator` does before it calls create_app
+        return create_app(settings)
     raise AttributeError(name)

@@ -49,7 +49,7 @@ from conveyor.contracts import (
 from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 from conveyor.remote import Caller, current_caller
 
-from .. import checkpoints, database, sessions, telemetry
+from .. import checkpoints, database, health, logs, sessions, telemetry
 from ..bus import Redeliver, create_broker, declare_system_queues, publish, subscribe
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
@@ -80,6 +80,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     running: dict[str, int] = {}
     holding: dict[str, TaskRun] = {}
     runs: dict[str, asyncio.Task] = {}
+    traces: dict[str, dict | None] = {}  # each run's trace, for lines logged outside the run
     # task id -> its attempt run here, the run, and when it was claimed
     jobs: dict[str, tuple[int, asyncio.Task, asyncio.Future]] = {}
     stopping: dict[str, str] = {}  # why a run was stopped on request, when not cancelled
@@ -179,6 +180,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 runs[task.task_id] = runner = asyncio.create_task(task_run.run())
             finally:
                 current_caller.reset(token)
+            traces[task.task_id] = telemetry.carrier()
             outcome.result = await runner
             session_state = task_run.context_state() if task.session_id else None
         except asyncio.CancelledError:
@@ -208,6 +210,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         finally:
             holding.pop(task.task_id, None)
             runs.pop(task.task_id, None)
+            traces.pop(task.task_id, None)
         outcome.events = index
         outcome.steps = task_run.steps if task_run else {}
         await report(outcome, streamed=task.stream, session_state=session_state)
@@ -280,6 +283,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except InvalidMessage as exc:
             log.warning("unreadable message on %s: %s", broadcast_topic(ns, name), exc)
             return
+        telemetry.tag(message)
         match message:
             case SendEventMessage(data=sent) if sent.seq is not None:
                 task_run = holding.get(sent.task_id)
@@ -363,12 +367,13 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                                return_when=asyncio.FIRST_COMPLETED)
         handed_back = list(runs.items())
         for task_id, runner in handed_back:
-            log.info("stopping: task %s handed back", task_id)
-            stopping[task_id] = HANDED_BACK
-            if (task_run := holding.get(task_id)) is not None:
-                with contextlib.suppress(Exception):  # the last checkpoint stands
-                    await task_run.checkpoint()
-            runner.cancel()
+            with telemetry.resumed(task_id, traces.get(task_id)):
+                log.info("stopping: task %s handed back", task_id)
+                stopping[task_id] = HANDED_BACK
+                if (task_run := holding.get(task_id)) is not None:
+                    with contextlib.suppress(Exception):  # the last checkpoint stands
+                        await task_run.checkpoint()
+                runner.cancel()
         # Each handler then hands its message back (or, on Kafka, each run publishes its
         # dispatch again); the broker stops once they have.
         await asyncio.gather(*(runner for _, runner in handed_back), return_exceptions=True)
@@ -432,14 +437,17 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         if engine is not None:
             await engine.dispose()
 
-    return FastStream(broker, logger=logging.getLogger("conveyor.app"),
-                      on_startup=[connect], after_startup=[register],
-                      on_shutdown=[drain, deregister], after_shutdown=[disconnect])
+    app = FastStream(broker, logger=logging.getLogger("conveyor.app"),
+                     on_startup=[connect], after_startup=[register],
+                     on_shutdown=[drain, deregister], after_shutdown=[disconnect])
+    return health.watched(app, settings)
 
 
 def __getattr__(name: str) -> FastStream:
     # `faststream run conveyor.services.runtime.app:app` with CONVEYOR_SERVICE_NAME and
     # CONVEYOR_WORKFLOW set builds a workflow service from the environment.
     if name == "app":
-        return create_app()
+        settings = load(RuntimeSettings)
+        logs.configure(settings)  # as `conveyor serve` does before it calls create_app
+        return create_app(settings)
     raise AttributeError(name)
