@@ -223,19 +223,21 @@ def test_a_traced_task_links_to_its_trace_in_the_jaeger_ui(page, http, gateway):
     screenshot(page, "08-trace-link")
 
 
-def test_the_page_is_public_and_its_data_wants_the_token(gateway):
+def test_the_page_and_its_data_want_the_token(gateway, http):
     with httpx.Client(base_url=gateway.url, timeout=30) as anonymous:
         page = anonymous.get("/dashboard")
         slashed = anonymous.get("/dashboard/", follow_redirects=True)
-        script = anonymous.get("/dashboard/dashboard.js")
         data = [anonymous.get("/dashboard/api/services"),
                 anonymous.get("/dashboard/api/tasks"),
                 anonymous.post("/dashboard/api/tasks/anything/cancel")]
+    with_token = http.get("/dashboard")
 
-    assert page.status_code == 200 and "Conveyor dashboard" in page.text
-    assert slashed.status_code == 200 and slashed.url.path == "/dashboard"
-    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    # Without the token the page is the body of a 401: it asks for the token, holds no data.
+    assert page.status_code == 401 and page.headers["www-authenticate"] == "Bearer"
+    assert "text/html" in page.headers["content-type"] and 'id="token-form"' in page.text
+    assert slashed.status_code == 401 and slashed.url.path == "/dashboard"
     assert [answer.status_code for answer in data] == [401, 401, 401]
+    assert with_token.status_code == 200 and with_token.text == page.text
 
 
 def test_bad_requests_get_a_4xx_that_names_the_problem(http):

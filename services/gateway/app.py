@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
@@ -76,24 +76,28 @@ def create_app(settings: GatewaySettings, client: Client | None = None) -> FastA
     return app
 
 
-# A browser cannot send a header when it opens a page, so the dashboard's page and script
-# (static, no data in them) are served without the token; the data they fetch is not.
-PUBLIC = frozenset({"/health"}) | dashboard.PUBLIC
-
-
 def _bearer_check(token: str):
-    """Every route but /health and the dashboard's static page (the docs and /openapi.json
-    too) wants the token."""
+    """Every route but /health (the docs, /openapi.json and the dashboard too) wants the
+    token, and answers 401 without it."""
     expected = f"Bearer {token}".encode()
 
     async def check(request: Request, call_next):
         given = request.headers.get("authorization", "").encode()
-        public = (request.url.path.rstrip("/") or "/") in PUBLIC  # /dashboard/ redirects
-        if not public and not secrets.compare_digest(given, expected):
-            return JSONResponse({"detail": "missing or wrong bearer token: send "
-                                 "'Authorization: Bearer <CONVEYOR_GATEWAY_TOKEN>'"},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+        path = request.url.path
+        if path == "/health" or secrets.compare_digest(given, expected):
+            return await call_next(request)
+        if path == f"{dashboard.PAGE}/":  # the page's links are relative to /dashboard
+            return RedirectResponse(dashboard.PAGE, status_code=307)
+        if path == dashboard.PAGE and request.method == "GET":
+            # A browser opening the page cannot send the header: the 401's body is the
+            # page, which asks for the token and sends it with each request for data.
+            answer = dashboard.page_answer(401)
+        else:
+            answer = JSONResponse({"detail": "missing or wrong bearer token: send "
+                                   "'Authorization: Bearer <CONVEYOR_GATEWAY_TOKEN>'"},
+                                  status_code=401)
+        answer.headers["WWW-Authenticate"] = "Bearer"
+        return answer
 
     return check
 

@@ -1,17 +1,19 @@
-"""The operators' live dashboard: one static page at /dashboard and the JSON routes it polls.
+"""The operators' live dashboard: one page at /dashboard and the JSON routes it polls.
 
-The page is the same for everyone and holds no data, so it is served without the token;
-every route under /dashboard/api asks for it like the rest of the gateway, and the page
-sends it in an Authorization header (see dashboard.js). All it shows comes from the control
-plane through the gateway's one Client.
+The page (its script inlined) is the same for everyone and holds no data. When the gateway
+wants its token, a browser cannot send it to open the page, so a request for the page
+without it is answered 401 with the page as the body: it asks for the token and sends it in
+an Authorization header with every request for data (see dashboard.js). All it shows comes
+from the control plane through the gateway's one Client.
 """
 
 import asyncio
+import functools
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from conveyor import Client, QueryFailed
@@ -20,8 +22,6 @@ from conveyor.contracts import TaskStatus
 from .settings import GatewaySettings
 
 PAGE = "/dashboard"
-SCRIPT = "/dashboard/dashboard.js"
-PUBLIC = frozenset({PAGE, SCRIPT})  # served without the token: static, no data in them
 EVENTS_PER_ANSWER = 500
 NOT_FOUND = {404: {"description": "no such task"}}
 DONE = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}
@@ -115,25 +115,29 @@ ClientDep = Annotated[Client, Depends(_client)]
 TaskId = Annotated[str, Path(min_length=1, max_length=200)]
 
 
-def router(settings: GatewaySettings) -> APIRouter:
-    """The page, its script and its JSON routes."""
-    routes = APIRouter(tags=["dashboard"])
-    static = files("conveyor.services.gateway") / "static"
-    page = (static / "dashboard.html").read_text(encoding="utf-8")
-    script = (static / "dashboard.js").read_text(encoding="utf-8")
+def _static(name: str) -> str:
+    return (files("conveyor.services.gateway") / "static" / name).read_text(encoding="utf-8")
 
+
+@functools.cache
+def page() -> str:
+    """The page with its script inlined: one document, fetched with or without the token."""
+    return _static("dashboard.html").replace(
+        "</body>", f"<script>\n{_static('dashboard.js')}</script>\n</body>")
+
+
+def page_answer(status_code: int = 200) -> HTMLResponse:
+    return HTMLResponse(page(), status_code=status_code, headers={"Cache-Control": "no-cache"})
+
+
+def router(settings: GatewaySettings) -> APIRouter:
+    """The page and its JSON routes."""
+    routes = APIRouter(tags=["dashboard"])
     @routes.get(PAGE, response_class=HTMLResponse)
     async def dashboard() -> HTMLResponse:
-        """The live dashboard (no token needed for the page itself; it asks for one when
-        the gateway wants it, and sends it with every request for data)."""
-        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
-
-    @routes.get(SCRIPT, response_class=Response,
-                responses={200: {"content": {"text/javascript": {}}}})
-    async def dashboard_script() -> Response:
-        """The dashboard page's script."""
-        return Response(script, media_type="text/javascript",
-                        headers={"Cache-Control": "no-cache"})
+        """The live dashboard. Asked for without the gateway's token, it is the body of the
+        401 answer: it asks for the token, and sends it with every request for data."""
+        return page_answer()
 
     @routes.get("/dashboard/api/services")
     async def list_services(client: ClientDep) -> ServicesResponse:
