@@ -75,14 +75,7 @@ async def test_a_silent_worker_loses_its_task_to_another_replica_and_its_late_re
         task_id = await client.run_nowait("stepper", log=str(log), seconds=10)
         await eventually(lambda: noted(log, "two"), timeout=60)
 
-        async def holder() -> int | None:
-            # The registry is read by its own consumer (group): it may lag the task a little.
-            found = {s["name"]: s for s in await client.list_services()}.get("stepper")
-            instances = found["instances"] if found else []
-            busy = [i["pid"] for i in instances if i["alive"] and i["running"]]
-            return busy[0] if busy else None
-
-        pid = await eventually(holder, timeout=30)
+        pid = await eventually(lambda: busy_replica(client, "stepper"), timeout=30)
         await eventually(lambda: client.checkpoint(task_id), timeout=30)
         os.kill(pid, signal.SIGSTOP)
         print(f"injected: SIGSTOP of the stepper replica {pid} during step two")
@@ -149,7 +142,8 @@ async def test_a_silent_worker_that_wakes_leaves_its_session_state_alone(fresh_d
 
 
 async def busy_replica(client, service: str) -> int | None:
-    """The pid of the replica of `service` that reports a task running."""
+    """The pid of the replica of `service` that reports a task running (the registry is
+    read by its own consumer group: it may lag the task a little)."""
     found = {s["name"]: s for s in await client.list_services()}.get(service)
     busy = [i["pid"] for i in (found or {}).get("instances", []) if i["alive"] and i["running"]]
     return busy[0] if busy else None
