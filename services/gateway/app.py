@@ -168,12 +168,9 @@ async def _delete_once_ended(client: Client, handler_id: str) -> bool:
         retry=retry_if_exception(lambda exc: str(exc).startswith("TaskNotEnded")),
         wait=wait_exponential(multiplier=0.05, max=1), stop=stop_after_delay(5), reraise=True)
     try:
-        async for attempt in not_stored_yet:
-            with attempt:
-                return await client.delete_task(handler_id)
+        return await not_stored_yet(client.delete_task, handler_id)
     except QueryFailed as exc:
         raise HTTPException(409, f"handler {handler_id!r}: {exc}") from None
-    return False  # not reached: the last try returns or raises
 
 
 def _registered(service: dict[str, Any], key: str) -> Any:
