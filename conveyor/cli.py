@@ -117,8 +117,7 @@ def gateway(
     """Run the HTTP gateway: the LlamaIndex workflow server's protocol over Conveyor tasks."""
     import uvicorn
 
-    from conveyor.services.gateway.app import create_app
-    from conveyor.services.gateway.metrics import broker_middleware
+    from conveyor.services.gateway.app import create_app, gateway_client
     from conveyor.services.gateway.settings import GatewaySettings
 
     overrides = {"gateway_host": host, "gateway_port": port}
@@ -130,10 +129,7 @@ def gateway(
         fail(exc)
 
     async def run() -> None:
-        from conveyor.client import Client
-
-        client = Client(settings=settings, publisher_id="gateway", part="gateway",
-                        middlewares=(broker_middleware(settings),))
+        client = gateway_client(settings)
         try:
             await client.start()
         except Exception:

@@ -45,6 +45,13 @@ from .settings import GatewaySettings
 NOT_FOUND = {404: {"description": "unknown workflow or handler"}}
 
 
+def gateway_client(settings: GatewaySettings) -> Client:
+    """The gateway's one Client: named "gateway" on the wire and in its spans, with the
+    Prometheus middleware whose figures /metrics serves."""
+    return Client(settings=settings, publisher_id="gateway", part="gateway",
+                  middlewares=(metrics.broker_middleware(settings),))
+
+
 def create_app(settings: GatewaySettings, client: Client | None = None) -> FastAPI:
     """The app; with `client`, it rides on a Client its caller has started and will close
     (`conveyor gateway` does, to fail with one line when the broker is away)."""
@@ -55,8 +62,7 @@ def create_app(settings: GatewaySettings, client: Client | None = None) -> FastA
             app.state.client = client
             yield
             return
-        async with Client(settings=settings, publisher_id="gateway", part="gateway",
-                          middlewares=(metrics.broker_middleware(settings),)) as own:
+        async with gateway_client(settings) as own:
             app.state.client = own
             yield
 
