@@ -7,18 +7,22 @@ Checkpoints live in the state store, not on the broker, so a context of any size
 Only the attempt the orchestrator dispatched last may write one: a stale attempt is refused.
 """
 
+from __future__ import annotations
+
 import hashlib
 import hmac
 import json
 import secrets as random
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import counters
 from .database import checkpoints, dialect_insert, dispatches, now, secrets
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 
 class CheckpointRefused(ValueError):

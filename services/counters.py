@@ -1,9 +1,15 @@
 """Counters kept with the state: stale attempts rejected, tasks recovered, and the like."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .database import counters, dialect_insert
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 STALE_REJECTED = "stale_attempts_rejected"
 RECOVERED = "tasks_recovered"

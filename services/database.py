@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -34,10 +34,12 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.dialects import sqlite
 
 from .settings import ConfigurationError
+
+if TYPE_CHECKING:  # imported for PostgreSQL only: SQLAlchemy's asyncio and its ORM take time
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 metadata = MetaData()
 
@@ -233,13 +235,20 @@ counters = Table(
 def insert_ignoring_duplicates(dialect: str, table: Table):
     """INSERT ... ON CONFLICT DO NOTHING in a dialect, built once; the row's values are the
     execution's parameters."""
-    insert = (postgresql if dialect == "postgresql" else sqlite).insert
-    return insert(table).on_conflict_do_nothing()
+    return _dialect(dialect).insert(table).on_conflict_do_nothing()
 
 
-def dialect_insert(conn: AsyncConnection, table: Table):
+def dialect_insert(conn: "AsyncConnection", table: Table):
     """An INSERT with ON CONFLICT clauses, in the connection's dialect (PostgreSQL or SQLite)."""
-    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
+    return _dialect(conn.dialect.name).insert(table)
+
+
+def _dialect(name: str):
+    if name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql
+    return sqlite
 
 
 def async_url(state_url: str) -> str:
@@ -378,12 +387,14 @@ def sync_url(state_url: str) -> str:
 CREATE_LOCK = 0x636F6E63  # "conc": the advisory lock of creating the tables
 
 
-async def connect(state_url: str) -> AsyncEngine:
+async def connect(state_url: str) -> "AsyncEngine":
     """Open the state store and create its tables; fails with one line if it can't."""
     url = async_url(state_url)
     if url.startswith("sqlite"):
         engine: Any = SQLiteStore(sync_url(state_url))
     else:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
         engine = create_async_engine(url, pool_pre_ping=False)
     for attempt in range(5):
         try:

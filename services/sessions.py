@@ -5,17 +5,21 @@ The state is kept as llama-index-workflows serializes a context's state store
 `Context.from_dict(workflow, {"state": ...})`. Clients see and set it as a plain dict.
 """
 
+from __future__ import annotations
+
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 from workflows.context.serializers import JsonSerializer
 from workflows.context.state_store import DictState, InMemoryStateStore
 
 from conveyor.contracts import new_id
 
 from .database import dialect_insert, now, sessions
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 _serializer = JsonSerializer()
 

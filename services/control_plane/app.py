@@ -10,9 +10,9 @@ import asyncio
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from faststream import FastStream
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import (
     FINAL_STATUSES,
@@ -47,6 +47,9 @@ from ..bus import Broker, create_broker, declare_system_queues, publish, subscri
 from ..dead_letters import reject
 from ..settings import Settings, load
 from . import cleanup, metrics, state
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("conveyor.control_plane")
 
@@ -246,7 +249,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     return health.watched(app, settings)
 
 
-async def _answer(engine: AsyncEngine, settings: Settings, message: QueryMessage):
+async def _answer(engine: "AsyncEngine", settings: Settings, message: QueryMessage):
     """The query's result, and whether the answer waits for the task to finish."""
     query = message.data
     async with engine.begin() as conn:
@@ -301,7 +304,7 @@ def _required(value: str | None, name: str) -> str:
     return value
 
 
-async def _replay(broker: Broker, settings: Settings, engine: AsyncEngine,
+async def _replay(broker: Broker, settings: Settings, engine: "AsyncEngine",
                   message: QueryMessage, publisher_id: str) -> None:
     """Answer stream_task: the task, then its stored events after `after`, then its end.
 

@@ -5,10 +5,12 @@ Every control plane replica sweeps; on PostgreSQL each takes rows the others hav
 locked (SKIP LOCKED), on SQLite one writer runs at a time, so a task is removed once.
 """
 
+from __future__ import annotations
+
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, or_, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..database import (
     attempt_errors,
@@ -20,6 +22,9 @@ from ..database import (
     tasks,
     watchers,
 )
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 OWNED = (events, inbox, attempt_errors, watchers, checkpoints, dispatches)
 

@@ -2,14 +2,18 @@
 /metrics (tasks by service and status, retries, how long finished tasks took) and its
 dashboard (tasks finished per minute)."""
 
+from __future__ import annotations
+
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import case, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import counters
 from ..database import now, tasks
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 # Upper bounds (seconds) of the task-duration histogram's buckets; +Inf is implied.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0)

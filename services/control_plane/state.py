@@ -4,11 +4,12 @@ dead letters.
 Every write is idempotent on the message's own ids, so a redelivered message changes nothing.
 """
 
+from __future__ import annotations
+
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, text, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import (
     FINAL_STATUSES,
@@ -39,6 +40,9 @@ from ..database import (
     watchers,
 )
 from . import cleanup
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 
 class EventRefused(ValueError):

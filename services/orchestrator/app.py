@@ -11,9 +11,9 @@ import asyncio
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from faststream import FastStream
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.contracts import (
     CancelTask,
@@ -46,6 +46,9 @@ from ..bus import create_broker, declare_system_queues, publish, subscribe_syste
 from ..dead_letters import reject
 from ..settings import Settings, load
 from . import state
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("conveyor.orchestrator")
 

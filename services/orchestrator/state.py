@@ -1,12 +1,16 @@
 """What the orchestrator stores: one dispatch row per task, the attempt it is on."""
 
+from __future__ import annotations
+
 from datetime import timedelta
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from sqlalchemy import bindparam, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..database import dispatches, insert_ignoring_duplicates, now, services
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 
 class Claim(NamedTuple):

@@ -13,9 +13,9 @@ import logging
 import os
 import socket
 import uuid
+from typing import TYPE_CHECKING
 
 from faststream import FastStream
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.client import Client
 from conveyor.contracts import (
@@ -59,6 +59,9 @@ from .settings import RuntimeSettings
 from .starting_point import StartingPoint, release, renew, reported, starting_point
 from .task_run import EventNotAccepted, TaskRun, accepted_events
 from .worker import describe, load_workflow
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("conveyor.runtime")
 

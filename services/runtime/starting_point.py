@@ -1,19 +1,23 @@
 """What a worker reads and claims in the state store when it takes an attempt of a task,
 and how it lets go of one."""
 
+from __future__ import annotations
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.contracts import NewTask
 
 from .. import checkpoints, sessions
 from ..checkpoints import Checkpoint
 from ..database import dispatches, inbox, now
+
+if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 # The statements on every task's path are built once: building one costs about as much CPU
 # as running it on SQLite.
