@@ -98,3 +98,14 @@ def test_children_die_with_conveyor_up_even_on_kill9(tmp_path):
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [pid for pid in children if _alive(pid)] == []
+
+
+def test_a_part_that_cannot_start_stops_conveyor_up_with_its_name(rabbit_url, tmp_path):
+    env = {**os.environ, "CONVEYOR_BROKER_URL": rabbit_url,
+           "CONVEYOR_NAMESPACE": f"up{uuid.uuid4().hex[:8]}"}
+    up = subprocess.run(
+        [sys.executable, "-m", "conveyor", "up", "--service", "broken=no_such_module:workflow"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert up.returncode == 1
+    assert "No module named 'no_such_module'" in up.stderr + up.stdout
+    assert "broken exited with status 1; stopping the rest" in up.stdout

@@ -42,7 +42,7 @@ def _launch(broker_url: str, namespace: str, workdir: Path) -> subprocess.Popen:
 
 async def _first_completed(client: Client, up: subprocess.Popen, log: Path,
                            timeout: float) -> None:
-    """Publish an echo task every second until one comes back completed. Until the services
+    """Publish an echo task every 0.1 s until one comes back completed. Until the services
     have joined, a task may fail (UnknownService) or wait: every probe counts."""
     probes: set[asyncio.Future] = set()
     try:
@@ -53,7 +53,7 @@ async def _first_completed(client: Client, up: subprocess.Popen, log: Path,
                                        f"{_last_line(log)}")
                 task_id = await client.run_nowait("echo", message="first")
                 probes.add(asyncio.ensure_future(client.wait(task_id)))
-                done, probes = await asyncio.wait(probes, timeout=1.0,
+                done, probes = await asyncio.wait(probes, timeout=0.1,
                                                   return_when=asyncio.FIRST_COMPLETED)
                 if any(not p.exception() and p.result().status == "completed" for p in done):
                     return
