@@ -1,6 +1,7 @@
 """Real processes killed for real: what was acknowledged is never lost."""
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -64,19 +65,9 @@ async def test_a_silent_worker_loses_its_task_to_another_replica_and_its_late_re
     fresh_deployment, tmp_path,
 ):
     deployment = fresh_deployment
-    deployment.overrides = {"CONVEYOR_HEARTBEAT_TIMEOUT": "3",
-                            "CONVEYOR_MAX_CONCURRENT_TASKS": "1"}
-    deployment.start("control-plane", "orchestrator", "stepper", "stepper-b")
-    await deployment.ready("stepper")
     log = tmp_path / "steps.log"
-    async with deployment.client() as client:
-        # Both replicas listed first, so that finding the one holding the task is quick.
-        await eventually(lambda: both_alive(client), timeout=60)
-        task_id = await client.run_nowait("stepper", log=str(log), seconds=10)
-        await eventually(lambda: noted(log, "two"), timeout=60)
-
-        pid = await eventually(lambda: busy_replica(client, "stepper"), timeout=30)
-        await eventually(lambda: client.checkpoint(task_id), timeout=30)
+    async with two_steppers(deployment) as client:
+        task_id, pid = await in_step_two(client, log, seconds=10)
         os.kill(pid, signal.SIGSTOP)
         print(f"injected: SIGSTOP of the stepper replica {pid} during step two")
         try:
@@ -100,6 +91,36 @@ async def test_a_silent_worker_loses_its_task_to_another_replica_and_its_late_re
     # the next, which it starts before its checkpoint is refused): its reports count for
     # nothing.
     assert steps.count("one") == 1 and steps[:3] == ["one", "two", "two"]
+
+
+async def test_kill9_of_the_replica_holding_a_task_moves_it_to_the_other_within_its_lease(
+    fresh_deployment, tmp_path,
+):
+    """The next attempt reaches the surviving replica once the dead one's lease has run out.
+    On Kafka it used to go, by the task's key, to a partition the dead replica read, and wait
+    there until the consumer group moved that partition (the 6 s session timeout and about
+    5 s more); a copy now goes to every partition, and the attempt still runs once."""
+    deployment = fresh_deployment
+    log = tmp_path / "steps.log"
+    async with two_steppers(deployment, CONVEYOR_HEARTBEAT_INTERVAL="0.5") as client:
+        task_id, pid = await in_step_two(client, log, seconds=30)
+        holder = next(part for part, p in deployment.processes.items() if p.pid == pid)
+        deployment.kill(holder)
+        killed = time.monotonic()
+        print(f"injected: kill -9 of {holder} (pid {pid}) during step two")
+
+        async def step_two_again() -> bool:
+            return log.read_text().split().count("two") == 2  # noqa: ASYNC240
+
+        await eventually(step_two_again, timeout=60)
+        resumed_after = time.monotonic() - killed
+        await client.cancel(task_id)
+    await asyncio.sleep(1.0)  # a second run of the attempt would note its step by now
+    steps = log.read_text().split()
+    print(f"found: step two again {resumed_after:.1f} s after the kill, steps noted {steps}")
+    assert steps == ["one", "two", "two"]  # resumed from its checkpoint, once
+    # The lease (3 s) and a sweep (0.5 s) bound it; Kafka's group would have taken 11 s.
+    assert resumed_after < 8
 
 
 async def test_a_silent_worker_that_wakes_leaves_its_session_state_alone(fresh_deployment,
@@ -139,6 +160,29 @@ async def test_a_silent_worker_that_wakes_leaves_its_session_state_alone(fresh_d
     print(f"found: counts {counted}, session state {state}")
     assert counted == [1, 2, 3]
     assert state == {"count": 3}
+
+
+@contextlib.asynccontextmanager
+async def two_steppers(deployment, **overrides: str):
+    """Two replicas of the stepper, one task at a time each, leases of 3 s; a client."""
+    deployment.overrides = {"CONVEYOR_HEARTBEAT_TIMEOUT": "3",
+                            "CONVEYOR_MAX_CONCURRENT_TASKS": "1", **overrides}
+    deployment.start("control-plane", "orchestrator", "stepper", "stepper-b")
+    await deployment.ready("stepper")
+    async with deployment.client() as client:
+        # Both replicas listed first, so that finding the one holding the task is quick.
+        await eventually(lambda: both_alive(client), timeout=60)
+        yield client
+
+
+async def in_step_two(client, log, seconds: float) -> tuple[str, int]:
+    """Start a stepper task; once it is in step two with step one checkpointed: its id and
+    the pid of the replica running it."""
+    task_id = await client.run_nowait("stepper", log=str(log), seconds=seconds)
+    await eventually(lambda: noted(log, "two"), timeout=60)
+    pid = await eventually(lambda: busy_replica(client, "stepper"), timeout=30)
+    await eventually(lambda: client.checkpoint(task_id), timeout=30)
+    return task_id, pid
 
 
 async def busy_replica(client, service: str) -> int | None:

@@ -158,14 +158,27 @@ def create_app(settings: Settings | None = None) -> FastStream:
             for item in await state.take_due(conn):
                 await redispatch(item["task"], item["attempt"], item["trace"])
 
-    async def redispatch(task_data: dict, attempt: int, trace: dict | None) -> None:
-        """Dispatch a later attempt, in the trace of the task's first."""
+    async def redispatch(task_data: dict, attempt: int, trace: dict | None, *,
+                         everywhere: bool = False) -> None:
+        """Dispatch a later attempt, in the trace of the task's first.
+
+        `everywhere`: its last worker went silent. On Kafka the task's key would send the
+        dispatch to the partition that worker read, where it would wait until the consumer
+        group moves the partition to a live replica (the session timeout and seconds more);
+        a copy on every partition reaches a live replica at once. Replicas claim an attempt
+        once, so the other copies are skipped wherever they arrive.
+        """
         task = NewTask.model_validate(task_data)
         message = DispatchTaskMessage(type=task.service, publisher_id=publisher_id,
                                       data=DispatchTask(task=task, attempt=attempt))
+        to = service_topic(ns, task.service)
         with telemetry.resumed(task.task_id, trace):
-            await publish(broker, settings, message, service_topic(ns, task.service),
-                          key=task.task_id)
+            if everywhere and settings.broker_kind == "kafka":
+                await asyncio.gather(*(
+                    publish(broker, settings, message, to, key=task.task_id, partition=p)
+                    for p in range(settings.kafka_partitions)))
+            else:
+                await publish(broker, settings, message, to, key=task.task_id)
 
     async def steer(message: PauseTaskMessage | ResumeTaskMessage) -> None:
         """Pause a task (its worker checkpoints and lets go of it) or resume it as its next
@@ -267,7 +280,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 with telemetry.resumed(task_id, item["trace"]):  # the line joins the task's
                     log.warning("task %s: its worker went silent; dispatching attempt %d",
                                 task_id, item["attempt"])
-                await redispatch(item["task"], item["attempt"], item["trace"])
+                await redispatch(item["task"], item["attempt"], item["trace"], everywhere=True)
             if expired:
                 await counters.add(conn, counters.RECOVERED, len(expired))
 
