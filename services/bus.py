@@ -47,6 +47,19 @@ _quiet = logging.getLogger("conveyor.broker")
 _quiet.setLevel(logging.WARNING)
 
 
+class GroupsJoinedAtOnceKafkaBroker(KafkaBroker):
+    """FastStream's KafkaBroker, but its subscribers join their consumer groups at once:
+    FastStream starts them one after another, and a join waits out the group's rebalance
+    delay (about 3 s), so a part with four subscriptions took over 12 s to start."""
+
+    async def start(self) -> None:
+        await self.connect()
+        await asyncio.gather(*(subscriber.start() for subscriber in self.subscribers))
+        for publisher in self.publishers:
+            await publisher.start()
+        self.running = True
+
+
 def create_broker(settings: Settings, part: str, *, always_trace: bool = False,
                   middlewares: tuple = ()) -> Broker:
     """The FastStream broker for CONVEYOR_BROKER_URL, with every durability setting on,
@@ -61,7 +74,7 @@ def create_broker(settings: Settings, part: str, *, always_trace: bool = False,
     }
     if settings.broker_kind == "rabbit":
         return RabbitBroker(url, reconnect_interval=1.0, **common)
-    return KafkaBroker(
+    return GroupsJoinedAtOnceKafkaBroker(
         settings.kafka_servers,
         acks="all",
         enable_idempotence=settings.kafka_idempotence,
