@@ -56,6 +56,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _broker_apart() -> None:
+    """The embedded broker, before exec: out of the terminal's process group, so that Ctrl-C
+    reaches the parts, which stop first; `conveyor up` stops it after them, or it dies with
+    `conveyor up`."""
+    os.setsid()
+    _die_with_parent()
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -87,7 +95,7 @@ def run_everything(services: list[str]) -> int:
     broker = None
     if not settings.broker_url:
         port = 9092 if not embedded_broker.port_open(9092) else embedded_broker.free_port()
-        broker, url = embedded_broker.start(port, preexec_fn=_die_with_parent)
+        broker, url = embedded_broker.start(port, preexec_fn=_broker_apart)
         os.environ["CONVEYOR_BROKER_URL"] = url  # for the parts, forked or spawned
         console.print(f"embedded Kafka-compatible broker (tansu, in memory) at [bold]{url}[/]")
     url = os.environ["CONVEYOR_BROKER_URL"]
