@@ -137,6 +137,8 @@ def run_everything(services: list[str]) -> int:
 
 
 class PartExited(Exception):
+    """A part (or the embedded broker) exited: everything stops."""
+
     def __init__(self, part: str, code: int | None) -> None:
         self.part, self.code = part, code
 
