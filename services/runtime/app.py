@@ -262,16 +262,23 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         return start
 
     async def retry_later(dispatch: DispatchTask, error: TaskError, delay: float) -> None:
-        """Tell the control plane and the orchestrator: this attempt failed, try again."""
+        """Tell the control plane and the orchestrator (which schedules the next attempt):
+        this attempt failed, try again. As with an outcome, only while the attempt is still
+        this worker's, marked reported in the transaction that spans the publish: a cancel
+        that comes meanwhile waits for the commit, and a crash before it leaves the lease
+        to the sweep."""
         task = dispatch.task
-        log.info("task %s: attempt %d failed, retrying in %.2f s", task.task_id,
-                 dispatch.attempt, delay)
         change = TaskStatusUpdate(task_id=task.task_id, service=name, status="retrying",
                                   attempt=dispatch.attempt, error=error, retry_in=delay)
-        await emit(TaskStatusMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=change),
-                   topic(ns, CONTROL_PLANE), task.task_id)
-        async with engine.begin() as conn:  # the orchestrator schedules the next attempt
-            await reported(conn, task.task_id, dispatch.attempt, instance_id)
+        async with engine.begin() as conn:
+            if not await reported(conn, task.task_id, dispatch.attempt, instance_id):
+                log.info("task %s: attempt %d failed, and was replaced or cancelled "
+                         "meanwhile: no retry from here", task.task_id, dispatch.attempt)
+                return
+            log.info("task %s: attempt %d failed, retrying in %.2f s", task.task_id,
+                     dispatch.attempt, delay)
+            await emit(TaskStatusMessage(type=CONTROL_PLANE, publisher_id=instance_id,
+                                         data=change), topic(ns, CONTROL_PLANE), task.task_id)
 
     def deliver(task_run: TaskRun, seq: int, event, step: str | None) -> None:
         try:
