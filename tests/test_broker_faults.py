@@ -14,6 +14,7 @@ from conveyor import Client, PublishFailed
 from conveyor.services.settings import load
 
 from .deployment import Deployment, eventually, noted, records_once_completed
+from .test_health import healthy
 
 
 def rabbitmqctl(*args: str) -> None:
@@ -90,3 +91,32 @@ async def test_rabbitmq_going_away_under_load_loses_nothing(rabbit_deployment, t
     assert [o.result for o in outcomes[1:]] == [{"echo": {"n": n}} for n in range(301)]
     assert all(recorded.get(i, {}).get("status") == "completed" for i in [long, *ids, late])
     assert all(recorded[i]["attempts"] == 1 for i in [long, *ids, late])
+
+
+async def test_a_part_is_unhealthy_while_rabbitmq_is_away_and_healthy_once_it_is_back(
+    rabbit_url, tmp_path,
+):
+    deployment = Deployment(rabbit_url, tmp_path)
+    health_file = tmp_path / "echo.healthy"
+    deployment.overrides = {"CONVEYOR_HEALTH_FILE": str(health_file),
+                            "CONVEYOR_HEARTBEAT_INTERVAL": "0.5"}
+    deployment.start("echo")
+
+    async def check(expected: bool) -> bool:
+        return await asyncio.to_thread(healthy, health_file) == expected
+
+    try:
+        await eventually(lambda: check(True), timeout=60)
+        rabbitmqctl("stop_app")
+        print("injected: RabbitMQ stopped (stop_app) until the echo service reads unhealthy")
+        try:
+            # The healthcheck wants the file touched within 10 s; a part touches it only
+            # while its broker answers a ping.
+            await eventually(lambda: check(False), timeout=30)
+        finally:
+            rabbitmqctl("start_app")
+        await eventually(lambda: check(True), timeout=60)
+        print("found: unhealthy while RabbitMQ was away, healthy again once it was back")
+        assert deployment.processes["echo"].poll() is None  # it waited, it did not exit
+    finally:
+        deployment.stop()
