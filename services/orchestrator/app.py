@@ -166,7 +166,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
         dispatch to the partition that worker read, where it would wait until the consumer
         group moves the partition to a live replica (the session timeout and seconds more);
         a copy on every partition reaches a live replica at once. Replicas claim an attempt
-        once, so the other copies are skipped wherever they arrive.
+        once, so the other copies are skipped wherever they arrive. (A topic made with fewer
+        partitions than CONVEYOR_KAFKA_PARTITIONS refuses the copies for the others.)
         """
         task = NewTask.model_validate(task_data)
         message = DispatchTaskMessage(type=task.service, publisher_id=publisher_id,
@@ -174,9 +175,11 @@ def create_app(settings: Settings | None = None) -> FastStream:
         to = service_topic(ns, task.service)
         with telemetry.resumed(task.task_id, trace):
             if everywhere and settings.broker_kind == "kafka":
-                await asyncio.gather(*(
+                sent = await asyncio.gather(*(
                     publish(broker, settings, message, to, key=task.task_id, partition=p)
-                    for p in range(settings.kafka_partitions)))
+                    for p in range(settings.kafka_partitions)), return_exceptions=True)
+                if all(isinstance(result, Exception) for result in sent):
+                    raise sent[0]
             else:
                 await publish(broker, settings, message, to, key=task.task_id)
 
