@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .deployment import eventually, noted, records_once_completed
+from .deployment import Deployment, eventually, noted, records_once_completed
 from .otlp_receiver import Receiver, spans_of_logged_traces, traced, untagged
 
 
@@ -100,9 +100,24 @@ async def test_kill9_of_the_replica_holding_a_task_moves_it_to_the_other_within_
     On Kafka it used to go, by the task's key, to a partition the dead replica read, and wait
     there until the consumer group moved that partition (the 6 s session timeout and about
     5 s more); a copy now goes to every partition, and the attempt still runs once."""
-    deployment = fresh_deployment
-    log = tmp_path / "steps.log"
-    async with two_steppers(deployment, CONVEYOR_HEARTBEAT_INTERVAL="0.5") as client:
+    await kill9_the_holder_and_see_it_resume(fresh_deployment, tmp_path / "steps.log")
+
+
+async def test_on_kafka_recovery_survives_a_topic_with_fewer_partitions_than_configured(
+    kafka_url, tmp_path,
+):
+    """The orchestrator believes in 8 partitions; the service's topic was made with 4 by its
+    replicas: the copies for the missing ones are refused, and the task resumes anyway."""
+    deployment = Deployment(kafka_url, tmp_path)
+    try:
+        await kill9_the_holder_and_see_it_resume(
+            deployment, tmp_path / "steps.log", orchestrator={"CONVEYOR_KAFKA_PARTITIONS": "8"})
+    finally:
+        deployment.stop()
+
+
+async def kill9_the_holder_and_see_it_resume(deployment, log, **options) -> None:
+    async with two_steppers(deployment, CONVEYOR_HEARTBEAT_INTERVAL="0.5", **options) as client:
         task_id, pid = await in_step_two(client, log, seconds=30)
         holder = next(part for part, p in deployment.processes.items() if p.pid == pid)
         deployment.kill(holder)
@@ -163,11 +178,15 @@ async def test_a_silent_worker_that_wakes_leaves_its_session_state_alone(fresh_d
 
 
 @contextlib.asynccontextmanager
-async def two_steppers(deployment, **overrides: str):
-    """Two replicas of the stepper, one task at a time each, leases of 3 s; a client."""
+async def two_steppers(deployment, orchestrator: dict[str, str] | None = None,
+                       **overrides: str):
+    """Two replicas of the stepper, one task at a time each, leases of 3 s; a client.
+    `orchestrator`: settings for the orchestrator alone (started after the replicas)."""
     deployment.overrides = {"CONVEYOR_HEARTBEAT_TIMEOUT": "3",
                             "CONVEYOR_MAX_CONCURRENT_TASKS": "1", **overrides}
-    deployment.start("control-plane", "orchestrator", "stepper", "stepper-b")
+    deployment.start("control-plane", "stepper", "stepper-b")
+    deployment.overrides = {**deployment.overrides, **(orchestrator or {})}
+    deployment.start("orchestrator")
     await deployment.ready("stepper")
     async with deployment.client() as client:
         # Both replicas listed first, so that finding the one holding the task is quick.
