@@ -178,7 +178,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 sent = await asyncio.gather(*(
                     publish(broker, settings, message, to, key=task.task_id, partition=p)
                     for p in range(settings.kafka_partitions)), return_exceptions=True)
-                if all(isinstance(result, Exception) for result in sent):
+                if all(isinstance(result, BaseException) for result in sent):
                     raise sent[0]
             else:
                 await publish(broker, settings, message, to, key=task.task_id)
