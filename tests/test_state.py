@@ -182,7 +182,7 @@ async def test_failed_outcome_stores_its_error(engine):
     assert task["error"] == {"type": "EchoFailed", "message": "asked to fail"}
 
 
-async def test_outcome_before_its_new_task_is_stored_and_not_overwritten(engine):
+async def test_outcome_before_its_new_task_is_stored_and_completed_by_it(engine):
     async with engine.begin() as conn:
         assert await state.record_outcome(conn, outcome(session_id="s1")) == []
     early = await get(engine, "t1")
@@ -199,6 +199,13 @@ async def test_outcome_before_its_new_task_is_stored_and_not_overwritten(engine)
     assert late["result"] == {"echo": "hi"}
     assert late["attempts"] == 1
     assert late["finished_at"] == early["finished_at"]
+    # What only the NEW_TASK knows is filled in (two control planes may each take one).
+    assert late["input"] == {"text": "hi"}
+    assert late["publisher_id"] == "client"
+
+    async with engine.begin() as conn:  # and only once
+        await state.record_new_task(conn, new_task(input={"text": "other"}), "client-b")
+    assert (await get(engine, "t1"))["input"] == {"text": "hi"}
 
 
 # Watchers

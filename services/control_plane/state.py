@@ -79,12 +79,20 @@ async def _lock_task(conn: AsyncConnection, task_id: str) -> None:
 
 
 async def record_new_task(conn: AsyncConnection, task: NewTask, publisher_id: str) -> None:
-    await _insert_once(
-        conn, tasks, task_id=task.task_id, service=task.service, session_id=task.session_id,
-        parent_task_id=task.parent_task_id, publisher_id=publisher_id, status="queued",
-        input=task.input, attempts=0, reply_to=task.reply_to, stream=task.stream,
-        created_at=now(),
-    )
+    """Record a task once. On Kafka its reports (events, outcome) come on a topic of their
+    own and may be read before it: then what only the NEW_TASK knows is filled in (an
+    outcome's record has no publisher), and the status the reports left stands."""
+    given = {"session_id": task.session_id, "parent_task_id": task.parent_task_id,
+             "publisher_id": publisher_id, "input": task.input, "stream": task.stream}
+    inserted = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, tasks), {
+        **given, "task_id": task.task_id, "service": task.service, "status": "queued",
+        "attempts": 0, "reply_to": task.reply_to, "created_at": now()})
+    if inserted.rowcount == 0:
+        await conn.execute(_FILLED_IN, {**given, "filled_task": task.task_id})
+
+
+_FILLED_IN = (update(tasks)
+              .where(tasks.c.task_id == bindparam("filled_task"), tasks.c.publisher_id.is_(None)))
 
 
 # Built once, for every task's outcome.
