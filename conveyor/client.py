@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from workflows.events import Event
 
 from conveyor.contracts import (
+    FINAL_STATUSES,
     TASK_QUERIES,
     CancelTask,
     CancelTaskMessage,
@@ -381,8 +382,16 @@ class Client:
 
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
         """The control plane's record of a task, or None if it has none (asked after the
-        task's NEW_TASK, so a task just started is found)."""
-        return await self._ask(Query(kind="get_task", task_id=task_id, reply_to=self._reply_to))
+        task's NEW_TASK, so a task just started is found). A task whose outcome this client
+        has read is never read as unfinished: on Kafka the outcome that came straight from
+        its worker may reach the control plane a moment later (the two are sent at once),
+        and a question sent meanwhile be answered first."""
+        record = await self._ask(Query(kind="get_task", task_id=task_id,
+                                       reply_to=self._reply_to))
+        known = self._outcomes.get(task_id)
+        if record is not None and known is not None and record["status"] not in FINAL_STATUSES:
+            record |= known.model_dump(include={"status", "result", "error"}, mode="json")
+        return record
 
     async def delete_task(self, task_id: str) -> bool:
         """Delete an ended task's record, event log, inbox and checkpoint now rather than at

@@ -32,6 +32,27 @@ async def test_run_nowait_then_status_and_wait(deployment):
     assert record["finished_at"] is not None
 
 
+async def test_a_task_whose_outcome_a_client_holds_never_reads_running_mocked_lagging_record(
+        deployment, monkeypatch):
+    """On Kafka the outcome reaches the requester beside, not after, the control plane's
+    copy: a get_task sent at once may be answered from the record before it is stored
+    (rare; a stand-in answer plays that record here, the outcome is real)."""
+    async with deployment.client() as client:
+        task_id = await client.run_nowait("echo", message="raced")
+        await client.wait(task_id, timeout=30)
+        stored = await client.get_task(task_id)
+        lagging = {**stored, "status": "running", "result": None}
+
+        async def answer_from_the_lagging_record(query, timeout=None):
+            return dict(lagging)
+
+        monkeypatch.setattr(client, "_ask", answer_from_the_lagging_record)
+        record = await client.get_task(task_id)
+    assert record["status"] == "completed"
+    assert record["result"] == {"echo": {"message": "raced"}}
+    assert record["attempts"] == stored["attempts"]
+
+
 async def test_another_client_waits_for_a_task_it_did_not_start(deployment):
     async with deployment.client() as starter, deployment.client() as watcher:
         slow_id = await starter.run_nowait("echo", message="watched")
