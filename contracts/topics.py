@@ -10,9 +10,15 @@ REGISTRY = "registry"
 QUERY = "query"
 DEAD_LETTER = "dead_letter"
 REPLY = "reply"
+# What workflow services report for the control plane alone to record (streamed events,
+# outcomes, status changes): the orchestrator does not read them.
+REPORTS = "reports"
+# What the orchestrator alone must hear from a workflow service: a failed attempt to retry,
+# an ended task that others of its session or service wait for.
+ORCHESTRATOR = "orchestrator"
 
 # Message types that are Conveyor's own topics; no workflow service may take one as its name.
-RESERVED = frozenset({CONTROL_PLANE, REGISTRY, QUERY, DEAD_LETTER, REPLY, "orchestrator"})
+RESERVED = frozenset({CONTROL_PLANE, REGISTRY, QUERY, DEAD_LETTER, REPLY, REPORTS, ORCHESTRATOR})
 
 
 class InvalidName(ValueError):

@@ -35,7 +35,14 @@ from tenacity import (
 )
 
 from conveyor.contracts import MAX_MESSAGE_BYTES, MessageTooLarge, QueueMessage, encode, topic
-from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
+from conveyor.contracts.topics import (
+    CONTROL_PLANE,
+    DEAD_LETTER,
+    ORCHESTRATOR,
+    QUERY,
+    REGISTRY,
+    REPORTS,
+)
 
 from . import telemetry
 from .settings import Settings
@@ -95,6 +102,37 @@ SYSTEM_SUBSCRIPTIONS = [
 ]
 
 
+# On RabbitMQ, the routing keys a group's queue is bound with besides its topic's: the
+# recorder's queue takes what workflow services report behind the NEW_TASKs, in one FIFO, and
+# the orchestrator's what it alone must hear. See reports_topic.
+ALSO_BOUND: dict[tuple[str, str], tuple[str, ...]] = {
+    (CONTROL_PLANE, "recorder"): (REPORTS,),
+    (CONTROL_PLANE, "orchestrator"): (ORCHESTRATOR,),
+}
+
+
+def reports_topic(settings: Settings) -> str:
+    """Where workflow services report to the control plane: streamed events, status changes,
+    outcomes (and the orchestrator's status changes).
+
+    On RabbitMQ a routing key of its own, which only the recorder's queue is bound with:
+    the orchestrator is not handed every event and outcome only to drop it. On Kafka the
+    front door itself: there a task's NEW_TASK, its reports and the queries about it share
+    one partition (the task id is the key) and are read in order, so that a query sent after
+    an outcome has arrived is answered after it is recorded; two topics would lose that.
+    """
+    return topic(settings.namespace, REPORTS if settings.broker_kind == "rabbit"
+                 else CONTROL_PLANE)
+
+
+def orchestrator_topic(settings: Settings) -> str:
+    """Where a workflow service sends what the orchestrator must hear of what it reports (a
+    failed attempt to retry, an end that held tasks wait for), as a copy of the report. On
+    Kafka the orchestrator reads the reports on the front door already (see reports_topic)."""
+    return topic(settings.namespace, ORCHESTRATOR if settings.broker_kind == "rabbit"
+                 else CONTROL_PLANE)
+
+
 def group_name(settings: Settings, message_type: str, part: str) -> str:
     """A consumer group's name; on RabbitMQ it is also the name of the group's queue."""
     return f"{settings.namespace}.{message_type}.{part}"
@@ -114,7 +152,8 @@ async def declare_system_queues(broker: Broker, settings: Settings) -> None:
         queue = await broker.declare_queue(
             group_queue(settings, group_name(settings, message_type, part))
         )
-        await queue.bind(declared, routing_key=topic(settings.namespace, message_type))
+        for read in (message_type, *ALSO_BOUND.get((message_type, part), ())):
+            await queue.bind(declared, routing_key=topic(settings.namespace, read))
 
 
 def group_queue(settings: Settings, name: str, routing_key: str = "") -> RabbitQueue:
@@ -211,7 +250,7 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
             # while RabbitMQ restarts) waits for it.
             queue = RabbitQueue(f"{topic}.{uuid.uuid4().hex[:8]}", routing_key=topic,
                                 durable=True, arguments={"x-expires": _expiry_ms(settings)})
-        else:
+        else:  # and bound with ALSO_BOUND's keys by declare_system_queues
             queue = group_queue(settings, group, routing_key=topic)
         return broker.subscriber(
             queue,
@@ -266,13 +305,13 @@ async def publish(
     *,
     key: str | None = None,
     partition: int | None = None,
-    copy_to: str | None = None,
+    copy_to: tuple[str, ...] = (),
 ) -> None:
     """Publish durably: confirmed by RabbitMQ, or acknowledged by all Kafka replicas.
 
-    `copy_to` delivers the same message to a second topic: on RabbitMQ in the same publish
-    (the CC header: one message, one confirm, routed to both keys), on Kafka as a second
-    send in flight beside the first.
+    `copy_to` delivers the same message to more topics: on RabbitMQ in the same publish
+    (the CC header: one message, one confirm, routed with every key), on Kafka as more
+    sends in flight beside the first.
 
     `partition` pins a Kafka message to one partition: for topics every instance reads
     whole (a broadcast), which are read from partition 0. While the broker is unreachable
@@ -325,7 +364,7 @@ def _retrying(state: RetryCallState) -> None:
 
 
 async def _send(broker: Broker, settings: Settings, body: bytes, message_id: str, topic: str,
-                key: str | None, partition: int | None, copy_to: str | None = None) -> None:
+                key: str | None, partition: int | None, copy_to: tuple[str, ...] = ()) -> None:
     if isinstance(broker, RabbitBroker):
         await broker.publish(
             body,
@@ -336,11 +375,11 @@ async def _send(broker: Broker, settings: Settings, body: bytes, message_id: str
             content_type="application/json",
             mandatory=False,
             # Sender-selected distribution: also routed with these keys, in one publish.
-            headers={"CC": [copy_to]} if copy_to else None,
+            headers={"CC": list(copy_to)} if copy_to else None,
         )
         return
     sends = [broker.publish(body, topic=to, key=key.encode() if key else None,
                             partition=partition if to == topic else None,
                             headers={"content-type": "application/json"})
-             for to in (topic, copy_to) if to]
+             for to in dict.fromkeys((topic, *copy_to))]  # a copy to the topic itself: none
     await asyncio.gather(*sends)

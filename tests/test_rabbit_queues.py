@@ -1,11 +1,17 @@
-"""Quorum queues on the real RabbitMQ (a one-node cluster makes them too)."""
+"""RabbitMQ's queues: quorum queues (a one-node cluster makes them too), and what each
+shared queue is handed."""
 
 import asyncio
+import signal
 import subprocess
 
 import pytest
 
-from .deployment import Deployment
+from conveyor.contracts.topics import CONTROL_PLANE
+from conveyor.services.bus import group_name
+from conveyor.services.settings import load
+
+from .deployment import Deployment, eventually, records_once_completed
 
 
 @pytest.fixture
@@ -33,3 +39,45 @@ async def test_with_quorum_queues_every_shared_queue_is_one_and_tasks_run(quorum
     assert f"{deployment.namespace}.control_plane.recorder" in shared
     assert f"{deployment.namespace}.echo" in shared
     assert set(shared.values()) == {"quorum"}
+
+
+async def test_what_a_workflow_service_reports_is_not_handed_to_the_orchestrator(
+        rabbit_url, tmp_path):
+    """A task's streamed events and outcome go to the control plane's recorder alone: with
+    the orchestrator stopped (SIGSTOP) while a task runs, the task ends, its record is
+    complete, and nothing has queued up for the orchestrator meanwhile."""
+    deployment = Deployment(rabbit_url, tmp_path)
+    deployment.start("control-plane", "orchestrator", "work")
+    orchestrator = deployment.processes["orchestrator"]
+    try:
+        await deployment.ready("work")
+        async with deployment.client() as client:
+            task_id = await client.run_nowait("work", n=1, seconds=1.5, events=0)
+
+            async def running() -> bool:
+                return (await client.get_task(task_id))["status"] == "running"
+
+            await eventually(running)
+            orchestrator.send_signal(signal.SIGSTOP)
+            try:
+                outcome = await client.wait(task_id, timeout=30)
+                record = await records_once_completed(client, "work", [task_id])
+                waiting = await queued_for(group_name(
+                    load(broker_url=rabbit_url, namespace=deployment.namespace),
+                    CONTROL_PLANE, "orchestrator"))
+            finally:
+                orchestrator.send_signal(signal.SIGCONT)
+        print(f"found: {outcome.status}; {waiting} messages queued for the orchestrator")
+        assert outcome.status == "completed"
+        assert record[task_id]["result"]["n"] == 1
+        assert waiting == 0
+    finally:
+        deployment.stop()
+
+
+async def queued_for(queue: str) -> int:
+    """How many messages a queue holds, ready or delivered and not acknowledged yet."""
+    listed = (await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "-q", "list_queues", "name", "messages"],
+        capture_output=True, text=True, check=True, timeout=60)).stdout
+    return int(dict(line.split("\t") for line in listed.splitlines())[queue])

@@ -3,6 +3,7 @@ service's limit holds across its replicas, and replicas that come and go lose no
 
 import asyncio
 import random
+import time
 import uuid
 from collections import Counter, defaultdict
 
@@ -61,6 +62,33 @@ async def test_a_service_limit_holds_across_its_replicas_and_orchestrators(repli
     assert service["max_concurrent_tasks"] == 2
     assert [r["n"] for r in results] == list(range(10))
     assert peak <= 2
+
+
+async def test_a_held_task_starts_once_the_task_it_waits_for_ends_not_at_a_sweep(replicated):
+    """Tasks held for their session, or for their service's limit, start as soon as the task
+    before them ends: its worker tells the orchestrator, in the transaction that ends it.
+    (Heartbeats every 30 s: the orchestrator's sweep, which releases held tasks too, does not
+    come round within the test.)"""
+    deployment = replicated(CONVEYOR_HEARTBEAT_INTERVAL="30", CONVEYOR_HEARTBEAT_TIMEOUT="90",
+                            CONVEYOR_SERVICE_MAX_CONCURRENT_TASKS="1")
+    deployment.start("control-plane", "orchestrator", "counter", "work")
+    await deployment.ready("counter", "work")
+    async with deployment.client() as client:
+        started = time.monotonic()
+        session_id = (await client.create_session())["session_id"]
+        counted = [await client.run_nowait("counter", session_id=session_id) for _ in range(4)]
+        limited = [await client.run_nowait("work", n=n, seconds=0.2) for n in range(4)]
+        counts = [await client.result(i, timeout=25) for i in counted]
+        works = [await client.result(i, timeout=25) for i in limited]
+        took = time.monotonic() - started
+    print(f"found: 4 tasks of a session and 4 of a service limited to 1 done in {took:.1f} s")
+    # In the order published on RabbitMQ; on Kafka tasks on different partitions may swap.
+    assert sorted(counts) == [1, 2, 3, 4]
+    assert sorted(r["n"] for r in works) == [0, 1, 2, 3]
+    if deployment.broker_url.startswith("amqp"):
+        assert counts == [1, 2, 3, 4]
+    assert most_at_once(works) == 1
+    assert took < 25
 
 
 async def test_a_long_task_holds_up_no_other_task_on_its_replica(replicated):

@@ -70,10 +70,15 @@ def render() -> str:
         "Topics are `<namespace>.<message type>` (here the namespace `conveyor` and a "
         "workflow service `SERVICE`); on Kafka the address is the topic. Outcomes, "
         "streamed events and query results go to the `reply_to` topic a message names: "
-        f"{', '.join(a.value for a in REPLIES)}.",
+        f"{', '.join(a.value for a in REPLIES)}. On RabbitMQ, workflow services report "
+        f"streamed events, status changes and outcomes with the routing key "
+        f"`{NAMESPACE}.reports`, which only the control plane's recorder queue is bound "
+        f"with, and copy to `{NAMESPACE}.orchestrator` what the orchestrator must hear (a "
+        "retry, an end that held tasks wait for); on Kafka both go to the front door.",
     ).to_specification().to_json())
     components = document["components"]
     components["schemas"] = definitions["$defs"]
+    _add_bindings(document)
     for channel in document["channels"].values():
         address = channel["address"]
         carried = REPLIES if address.startswith(f"{NAMESPACE}.reply.") else CARRIED.get(address)
@@ -85,6 +90,22 @@ def render() -> str:
                 {"$ref": REF.format(model=by_action[action].__name__)} for action in carried]}
             message["contentType"] = "application/json"
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def _add_bindings(document: dict) -> None:
+    """The routing keys a group's queue is bound with besides its topic's (made when the
+    parts declare Conveyor's queues, not by a subscriber): workflow services' reports to
+    the control plane, the copies of them the orchestrator must hear."""
+    from conveyor.services.bus import ALSO_BOUND, group_name
+    from conveyor.services.settings import Settings, load
+
+    settings = load(Settings, broker_url="amqp://localhost", namespace=NAMESPACE)
+    queues = {group_name(settings, message_type, part): keys
+              for (message_type, part), keys in ALSO_BOUND.items()}
+    for operation in document["operations"].values():
+        channel = document["channels"][operation["channel"]["$ref"].rsplit("/", 1)[1]]
+        keys = queues.get(channel["bindings"]["amqp"]["queue"]["name"], ())
+        operation["bindings"]["amqp"]["cc"] += [f"{NAMESPACE}.{key}" for key in keys]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """The control plane: Conveyor's system of record.
 
 It records each NEW_TASK beside the orchestrator's dispatch (both consume the front door),
-stores streamed events and outcomes, answers reply_to, watchers and stream followers, keeps
+stores the streamed events, status changes and outcomes that workflow services report (on
+their own topic, which only it reads), answers reply_to, watchers and stream followers, keeps
 each task's inbox of sent events, sessions and their state, the service registry and dead
 letters, and answers queries over the broker.
 """

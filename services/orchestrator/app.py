@@ -1,6 +1,8 @@
 """The orchestrator: decides when and where each task runs.
 
-It reads the front door beside the control plane: a NEW_TASK for a registered service is
+It reads the front door beside the control plane (and its own topic, where workflow services
+tell it of a failed attempt to retry and of an ended task that held tasks wait for; the rest
+of what they report is the control plane's alone): a NEW_TASK for a registered service is
 dispatched once (the task id is the key) to that service's topic, where its replicas
 compete for it; a NEW_TASK for a service nobody registered is failed with UnknownService.
 A CANCEL_TASK ends a task as cancelled, stops the instance running it and cancels its inner
@@ -42,7 +44,13 @@ from conveyor.contracts import (
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY, REGISTRY
 
 from .. import counters, database, health, logs, telemetry
-from ..bus import create_broker, declare_system_queues, publish, subscribe_system
+from ..bus import (
+    create_broker,
+    declare_system_queues,
+    publish,
+    reports_topic,
+    subscribe_system,
+)
 from ..dead_letters import reject
 from ..settings import Settings, load
 from . import state
@@ -204,7 +212,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
                                           attempt=found.attempt)
                 await publish(broker, settings, TaskStatusMessage(
                     type=CONTROL_PLANE, publisher_id=publisher_id, data=status),
-                    topic(ns, CONTROL_PLANE), key=request.task_id)
+                    reports_topic(settings), key=request.task_id)
             if found.done and not pausing and found.task is not None:
                 await redispatch(found.task, found.attempt, found.trace)
             if found.done and pausing:

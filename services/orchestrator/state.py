@@ -28,12 +28,15 @@ async def claim_first_dispatch(
 ) -> Claim:
     """Record attempt 1 of a task, held back when another task of its session is open (tasks
     of one session share its state, so they run one at a time, in the order they came) or
-    when `limit` tasks of its service are open already."""
+    when `limit` tasks of its service are open already. Held too behind a task held before
+    it: a worker marks its task ended before the orchestrator releases the next, and a task
+    that came meanwhile must not pass those waiting."""
     held = False
     if session_id is not None or limit:
         await _decide_alone(conn)
-        held = (session_id is not None and await _session_busy(conn, session_id)) or (
-            bool(limit) and await _open_tasks(conn, service) >= limit)
+        held = (session_id is not None and await _unfinished(conn, session_id=session_id)) or (
+            bool(limit) and (await _open_tasks(conn, service) >= limit
+                             or await _unfinished(conn, service=service, held=True)))
     result = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, dispatches), {
         "task_id": task_id, "service": service, "attempt": 1, "parent_task_id": parent_task_id,
         "session_id": session_id, "held": held, "finished": False, "task": task,
@@ -57,15 +60,23 @@ async def _decide_alone(conn: AsyncConnection) -> None:
 HOLD_LOCK = 0x636F6E76  # "conv": one advisory lock for every hold decision
 
 
+async def _unfinished(conn: AsyncConnection, *, session_id: str | None = None,
+                      service: str | None = None, held: bool | None = None) -> bool:
+    """Whether a task of the session (or service) has not ended; with `held`, one held or not."""
+    where = [dispatches.c.finished.is_(False)]
+    if session_id is not None:
+        where.append(dispatches.c.session_id == session_id)
+    if service is not None:
+        where.append(dispatches.c.service == service)
+    if held is not None:
+        where.append(dispatches.c.held.is_(held))
+    found = await conn.execute(select(dispatches.c.task_id).where(*where).limit(1))
+    return found.first() is not None
+
+
 async def _session_busy(conn: AsyncConnection, session_id: str) -> bool:
     """Whether a task of the session is open and not held."""
-    busy = await conn.execute(
-        select(dispatches.c.task_id)
-        .where(dispatches.c.session_id == session_id, dispatches.c.finished.is_(False),
-               dispatches.c.held.is_(False))
-        .limit(1)
-    )
-    return busy.first() is not None
+    return await _unfinished(conn, session_id=session_id, held=False)
 
 
 async def _open_tasks(conn: AsyncConnection, service: str) -> int:
@@ -111,6 +122,20 @@ async def release_held(conn: AsyncConnection, limits: dict[str, int | None], *,
                                .values(held=False, dispatched_at=now()))
             released.append({"task": row.task, "attempt": row.attempt, "trace": row.trace})
     return released
+
+
+async def waiting_behind(conn: AsyncConnection, session_id: str | None,
+                         service: str | None) -> bool:
+    """Whether a held task waits for a task that is ending now: one of its session, or of
+    its `service` (given when the service has a limit). The worker ending it asks, in the
+    transaction that marks it ended, so that the orchestrator hears of an outcome only when
+    it has a task to release. The hold decisions' lock orders this against a task being
+    held meanwhile: either it is seen here, or its decision sees this end."""
+    if session_id is None and service is None:
+        return False
+    await _decide_alone(conn)
+    return (session_id is not None and await _unfinished(conn, session_id=session_id, held=True)
+            ) or (service is not None and await _unfinished(conn, service=service, held=True))
 
 
 _ENDED_OR_PAUSED = (

@@ -50,9 +50,18 @@ from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 from conveyor.remote import Caller, current_caller
 
 from .. import checkpoints, database, health, logs, sessions, telemetry
-from ..bus import Redeliver, create_broker, declare_system_queues, publish, subscribe
+from ..bus import (
+    Redeliver,
+    create_broker,
+    declare_system_queues,
+    orchestrator_topic,
+    publish,
+    reports_topic,
+    subscribe,
+)
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
+from ..orchestrator.state import waiting_behind
 from ..settings import ConfigurationError, load
 from .described import describe_workflow
 from .settings import RuntimeSettings
@@ -75,6 +84,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         raise ConfigurationError("CONVEYOR_SERVICE_NAME (or --name) is required")
     ns = settings.namespace
     own_topic = service_topic(ns, name)
+    reports, orchestrator = reports_topic(settings), orchestrator_topic(settings)
     workflow = workflow or load_workflow(settings.workflow)
     broker = create_broker(settings, name)
     instance_id = f"{name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -95,6 +105,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     # detached, and the next dispatch is taken only when a place is free.
     detached = settings.broker_kind == "kafka"
     places = asyncio.Semaphore(settings.max_concurrent_tasks)
+    limited = bool(settings.service_max_concurrent_tasks)  # across the service's replicas
     # Nested workflows: inner tasks are started and awaited over this service's connection.
     caller = Client(settings=settings, broker=broker, publisher_id=instance_id)
     heartbeats: asyncio.Task | None = None
@@ -140,7 +151,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             )
             index += 1
             await emit(TaskStreamMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=data),
-                       topic(ns, CONTROL_PLANE), task.task_id)
+                       reports, task.task_id)
 
         outcome = CompletedTask(
             task_id=task.task_id, session_id=task.session_id, service=name,
@@ -223,28 +234,32 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         """Publish an outcome to the control plane and, when its task streams nothing there
         (the control plane keeps events and outcome in order), to its reply_to in the same
         publish: the requester hears of it one hop sooner. Only while this attempt is still
-        the task's, not cancelled: the attempt is marked reported in the transaction that
+        the task's, not cancelled: the attempt is marked ended in the transaction that
         spans the publish, which the orchestrator's cancel and sweep wait for. A replaced or
         cancelled attempt's outcome goes to the control plane alone, which counts and drops
-        it. Once marked, the lease is no longer watched, however late the orchestrator
-        reads the outcome. The session's state is kept in that transaction too, so a
-        replaced attempt never overwrites what a later one (or the session's next task) left.
+        it. The orchestrator hears of an outcome only when a held task waits for this one
+        (of its session, or of a service with a limit), to release it. The session's state
+        is kept in that transaction too, so a replaced attempt never overwrites what a later
+        one (or the session's next task) left.
         """
-        message = CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id,
-                                       data=outcome)
+        message = CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome)
         async with engine.begin() as conn:
-            current = await reported(conn, outcome.task_id, outcome.attempt, instance_id)
+            current = await reported(conn, outcome.task_id, outcome.attempt, instance_id,
+                                     ended=True)
             if current and session_state is not None and outcome.session_id:
                 await sessions.save_context_state(conn, outcome.session_id, session_state)
             outcome.replied = bool(current and outcome.reply_to and not streamed)
-            copy_to = outcome.reply_to if outcome.replied else None
+            copy_to = (outcome.reply_to,) if outcome.replied else ()
+            if current and await waiting_behind(conn, outcome.session_id, name if limited
+                                                else None):
+                copy_to += (orchestrator,)
             try:
-                await publish(broker, settings, message, topic(ns, CONTROL_PLANE),
+                await publish(broker, settings, message, reports,
                               key=outcome.task_id, copy_to=copy_to)
             except MessageTooLarge as exc:
                 outcome.status, outcome.result, outcome.error = "failed", None, TaskError(
                     type="MessageTooLarge", message=f"the task's outcome could not be sent: {exc}")
-                await publish(broker, settings, message, topic(ns, CONTROL_PLANE),
+                await publish(broker, settings, message, reports,
                               key=outcome.task_id, copy_to=copy_to)
 
     async def claim(dispatch: DispatchTask) -> StartingPoint:
@@ -262,11 +277,11 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         return start
 
     async def retry_later(dispatch: DispatchTask, error: TaskError, delay: float) -> None:
-        """Tell the control plane and the orchestrator (which schedules the next attempt):
-        this attempt failed, try again. As with an outcome, only while the attempt is still
-        this worker's, marked reported in the transaction that spans the publish: a cancel
-        that comes meanwhile waits for the commit, and a crash before it leaves the lease
-        to the sweep."""
+        """Tell the control plane and the orchestrator (which schedules the next attempt), in
+        one publish: this attempt failed, try again. As with an outcome, only while the
+        attempt is still this worker's, marked reported in the transaction that spans the
+        publish: a cancel that comes meanwhile waits for the commit, and a crash before it
+        leaves the lease to the sweep."""
         task = dispatch.task
         change = TaskStatusUpdate(task_id=task.task_id, service=name, status="retrying",
                                   attempt=dispatch.attempt, error=error, retry_in=delay)
@@ -277,8 +292,9 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 return
             log.info("task %s: attempt %d failed, retrying in %.2f s", task.task_id,
                      dispatch.attempt, delay)
-            await emit(TaskStatusMessage(type=CONTROL_PLANE, publisher_id=instance_id,
-                                         data=change), topic(ns, CONTROL_PLANE), task.task_id)
+            await publish(broker, settings, TaskStatusMessage(
+                type=CONTROL_PLANE, publisher_id=instance_id, data=change), reports,
+                key=task.task_id, copy_to=(orchestrator,))
 
     def deliver(task_run: TaskRun, seq: int, event, step: str | None) -> None:
         try:

@@ -47,6 +47,7 @@ _REPORTED = (
            dispatches.c.finished.is_(False), dispatches.c.cancelled.is_(False))
     .values(reported_at=bindparam("reported", type_=_WHEN))
 )
+_ENDED = _REPORTED.values(finished=True)
 
 
 @dataclass
@@ -133,13 +134,15 @@ async def renew(conn: AsyncConnection, instance_id: str, running: Mapping[str, i
     )
 
 
-async def reported(conn: AsyncConnection, task_id: str, attempt: int, instance_id: str) -> bool:
-    """Mark the attempt's outcome (or its retry) reported: the orchestrator's sweep leaves it
-    alone from then on. The worker marks an outcome in the transaction that spans its
+async def reported(conn: AsyncConnection, task_id: str, attempt: int, instance_id: str, *,
+                   ended: bool = False) -> bool:
+    """Mark the attempt's outcome (or its retry) reported, and with `ended` the task ended:
+    the orchestrator's sweep leaves it alone from then on, and its place in its session and
+    service is free. The worker marks an outcome in the transaction that spans its
     publish, so a cancel that comes meanwhile waits for the commit (its outcome then reaches
     the control plane second, and is not taken). False when the attempt is no longer this
     instance's to report: replaced, cancelled or ended meanwhile."""
-    marked = await conn.execute(_REPORTED, {
+    marked = await conn.execute(_ENDED if ended else _REPORTED, {
         "reported_task": task_id, "reported_attempt": attempt, "reporter": instance_id,
         "reported": now()})
     return marked.rowcount == 1
