@@ -348,6 +348,28 @@ async def publish(
         ) from last
 
 
+async def publish_to_any_replica(broker: Broker, settings: Settings, message: QueueMessage,
+                                 topic: str, *, key: str) -> None:
+    """Publish a dispatch for whichever live replica of its service reads it first.
+
+    On Kafka, by its key it would go to one partition, and there wait for that partition's
+    consumer: when that replica is dead or stopping, until the group has moved the partition
+    (the session timeout and seconds more). So a copy goes to every partition: a live replica
+    takes one at once, and the other copies are skipped wherever they arrive (replicas claim
+    an attempt once). A topic made with fewer partitions than CONVEYOR_KAFKA_PARTITIONS
+    refuses the copies for the others: this fails only if every copy failed. On RabbitMQ the
+    queue hands the one message to any consumer.
+    """
+    if settings.broker_kind != "kafka":
+        await publish(broker, settings, message, topic, key=key)
+        return
+    sent = await asyncio.gather(*(
+        publish(broker, settings, message, topic, key=key, partition=partition)
+        for partition in range(settings.kafka_partitions)), return_exceptions=True)
+    if all(isinstance(result, BaseException) for result in sent):
+        raise sent[0]
+
+
 # What a lost or not yet restored connection raises; anything else is not retried.
 UNREACHABLE = (ConnectionError, ChannelInvalidStateError, KafkaConnectionError,
                KafkaTimeoutError)

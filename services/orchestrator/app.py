@@ -48,6 +48,7 @@ from ..bus import (
     create_broker,
     declare_system_queues,
     publish,
+    publish_to_any_replica,
     reports_topic,
     subscribe_system,
 )
@@ -170,26 +171,16 @@ def create_app(settings: Settings | None = None) -> FastStream:
                          everywhere: bool = False) -> None:
         """Dispatch a later attempt, in the trace of the task's first.
 
-        `everywhere`: its last worker went silent. On Kafka the task's key would send the
-        dispatch to the partition that worker read, where it would wait until the consumer
-        group moves the partition to a live replica (the session timeout and seconds more);
-        a copy on every partition reaches a live replica at once. Replicas claim an attempt
-        once, so the other copies are skipped wherever they arrive. (A topic made with fewer
-        partitions than CONVEYOR_KAFKA_PARTITIONS refuses the copies for the others.)
+        `everywhere`: its last worker went silent; on Kafka the partition that worker read
+        would hold the dispatch up (see publish_to_any_replica).
         """
         task = NewTask.model_validate(task_data)
         message = DispatchTaskMessage(type=task.service, publisher_id=publisher_id,
                                       data=DispatchTask(task=task, attempt=attempt))
         to = service_topic(ns, task.service)
         with telemetry.resumed(task.task_id, trace):
-            if everywhere and settings.broker_kind == "kafka":
-                sent = await asyncio.gather(*(
-                    publish(broker, settings, message, to, key=task.task_id, partition=p)
-                    for p in range(settings.kafka_partitions)), return_exceptions=True)
-                if all(isinstance(result, BaseException) for result in sent):
-                    raise sent[0]
-            else:
-                await publish(broker, settings, message, to, key=task.task_id)
+            send = publish_to_any_replica if everywhere else publish
+            await send(broker, settings, message, to, key=task.task_id)
 
     async def steer(message: PauseTaskMessage | ResumeTaskMessage) -> None:
         """Pause a task (its worker checkpoints and lets go of it) or resume it as its next

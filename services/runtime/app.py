@@ -56,6 +56,7 @@ from ..bus import (
     declare_system_queues,
     orchestrator_topic,
     publish,
+    publish_to_any_replica,
     reports_topic,
     subscribe,
 )
@@ -130,12 +131,15 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     async def hand_back(dispatch: DispatchTask) -> None:
         """Let go of a claimed attempt for another replica to take at once: the broker
         delivers its message again (RabbitMQ), or, its Kafka offset being committed, the
-        dispatch is published again."""
+        dispatch is published again, to every partition: by its key it would wait on this
+        replica's own partition until the group moved it (publish_to_any_replica)."""
         async with engine.begin() as conn:
             await release(conn, dispatch.task.task_id, dispatch.attempt, instance_id)
             if detached:  # released only once the broker has it: else the lease runs out
-                await emit(DispatchTaskMessage(type=name, publisher_id=instance_id,
-                                               data=dispatch), own_topic, dispatch.task.task_id)
+                await publish_to_any_replica(
+                    broker, settings, DispatchTaskMessage(
+                        type=name, publisher_id=instance_id, data=dispatch),
+                    own_topic, key=dispatch.task.task_id)
         if not detached:
             raise Redeliver(dispatch.task.task_id)
 
