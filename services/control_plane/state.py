@@ -79,9 +79,9 @@ async def _lock_task(conn: AsyncConnection, task_id: str) -> None:
 
 
 async def record_new_task(conn: AsyncConnection, task: NewTask, publisher_id: str) -> None:
-    """Record a task once. On Kafka its reports (events, outcome) come on a topic of their
-    own and may be read before it: then what only the NEW_TASK knows is filled in (an
-    outcome's record has no publisher), and the status the reports left stands."""
+    """Record a task once. Its outcome may have been recorded before it (two control planes
+    may each take one): then what only the NEW_TASK knows is filled in (an outcome's record
+    has no publisher), and the status the outcome left stands."""
     given = {"session_id": task.session_id, "parent_task_id": task.parent_task_id,
              "publisher_id": publisher_id, "input": task.input, "stream": task.stream}
     inserted = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, tasks), {
