@@ -264,7 +264,7 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
         )
     options: dict[str, Any] = {
         "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": 10,
+        "fetch_max_wait_ms": settings.kafka_fetch_wait_ms,
         "decoder": _raw_body,
         "max_partition_fetch_bytes": MAX_MESSAGE_BYTES + 64 * 1024,
     }

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
         default="classic", description="quorum: replicated queues, for a RabbitMQ cluster")
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_idempotence: bool = False
+    kafka_fetch_wait_ms: int = Field(
+        default=10, ge=1, description="longest a Kafka consumer's fetch waits for data: on "
+        "the embedded broker a longer wait slows every hop; Apache Kafka answers a waiting "
+        "fetch as data arrives, and can take more (fewer idle fetches)")
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one JSON object per log line")
