@@ -53,9 +53,10 @@ class TaskNotEnded(ValueError):
     """A task asked to be deleted while it has not ended yet."""
 
 
-async def _insert_once(conn: AsyncConnection, table, **values) -> None:
-    """Insert the row unless one with its key is there already."""
-    await conn.execute(insert_ignoring_duplicates(conn.dialect.name, table), values)
+async def _insert_once(conn: AsyncConnection, table, **values) -> bool:
+    """Insert the row unless one with its key is there already; whether it was inserted."""
+    inserted = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, table), values)
+    return inserted.rowcount == 1
 
 
 def _upsert(conn: AsyncConnection, table, keys: list[str], values: dict, update_keys: list[str]):
@@ -84,10 +85,9 @@ async def record_new_task(conn: AsyncConnection, task: NewTask, publisher_id: st
     has no publisher), and the status the outcome left stands."""
     given = {"session_id": task.session_id, "parent_task_id": task.parent_task_id,
              "publisher_id": publisher_id, "input": task.input, "stream": task.stream}
-    inserted = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, tasks), {
-        **given, "task_id": task.task_id, "service": task.service, "status": "queued",
-        "attempts": 0, "reply_to": task.reply_to, "created_at": now()})
-    if inserted.rowcount == 0:
+    if not await _insert_once(conn, tasks, **given, task_id=task.task_id, service=task.service,
+                              status="queued", attempts=0, reply_to=task.reply_to,
+                              created_at=now()):
         await conn.execute(_FILLED_IN, {**given, "filled_task": task.task_id})
 
 
