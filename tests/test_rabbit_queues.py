@@ -28,11 +28,8 @@ async def test_with_quorum_queues_every_shared_queue_is_one_and_tasks_run(quorum
     await deployment.ready("echo")
     async with deployment.client() as client:
         assert await client.run("echo", timeout=30, n=1) == {"echo": {"n": 1}}
-    listed = (await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "-q", "list_queues", "name", "type"],
-        capture_output=True, text=True, check=True, timeout=60)).stdout
-    types = dict(line.split("\t") for line in listed.splitlines()
-                 if line.startswith(f"{deployment.namespace}."))
+    types = {name: kind for name, kind in (await listed_queues("type")).items()
+             if name.startswith(f"{deployment.namespace}.")}
     shared = {name: kind for name, kind in types.items() if name.count(".") == 2
               or name == f"{deployment.namespace}.echo"}
     print(f"found: {shared}")
@@ -77,7 +74,12 @@ async def test_what_a_workflow_service_reports_is_not_handed_to_the_orchestrator
 
 async def queued_for(queue: str) -> int:
     """How many messages a queue holds, ready or delivered and not acknowledged yet."""
+    return int((await listed_queues("messages"))[queue])
+
+
+async def listed_queues(column: str) -> dict[str, str]:
+    """Each queue's name and one column of `rabbitmqctl list_queues`."""
     listed = (await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "-q", "list_queues", "name", "messages"],
+        subprocess.run, ["rabbitmqctl", "-q", "list_queues", "name", column],
         capture_output=True, text=True, check=True, timeout=60)).stdout
-    return int(dict(line.split("\t") for line in listed.splitlines())[queue])
+    return dict(line.split("\t") for line in listed.splitlines())
