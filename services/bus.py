@@ -291,10 +291,18 @@ def _expiry_ms(settings: Settings) -> int:
     return int(max(60.0, 2 * settings.publish_timeout) * 1000)
 
 
-def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str):
-    """The subscription of one Conveyor part to one of Conveyor's own topics."""
+def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str, *,
+                     concurrency: int = 1):
+    """The subscription of one Conveyor part to one of Conveyor's own topics.
+
+    `concurrency` above 1 (messages handled at once) is taken on RabbitMQ only: on Kafka it
+    would mean more consumers in the group, each joining it apart, for partitions that
+    are read in order anyway.
+    """
+    if settings.broker_kind != "rabbit":
+        concurrency = 1
     return subscribe(broker, settings, topic(settings.namespace, message_type),
-                     group_name(settings, message_type, part))
+                     group_name(settings, message_type, part), concurrency=concurrency)
 
 
 async def publish(

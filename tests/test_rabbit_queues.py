@@ -72,6 +72,44 @@ async def test_what_a_workflow_service_reports_is_not_handed_to_the_orchestrator
         deployment.stop()
 
 
+async def test_the_front_door_is_taken_several_messages_at_a_time_and_nothing_is_missed(
+        rabbit_url, tmp_path):
+    """The control plane and the orchestrator each take CONVEYOR_RABBIT_PREFETCH messages of
+    the front door at once; 300 tasks started at once all run, and a get_task sent right
+    behind its NEW_TASK finds the task every time. (That one task's messages are handled in
+    the order they came is tested on its own, in test_ordering.py.)"""
+    deployment = Deployment(rabbit_url, tmp_path, overrides={"CONVEYOR_RABBIT_PREFETCH": "5"})
+    deployment.start("control-plane", "orchestrator", "echo")
+    settings = load(broker_url=rabbit_url, namespace=deployment.namespace)
+    try:
+        await deployment.ready("echo")
+        async with deployment.client() as client:
+
+            async def started_then_read(n: int) -> tuple[str, str | None]:
+                task_id = await client.run_nowait("echo", n=n)
+                return task_id, await client.status(task_id)
+
+            ids, read = zip(*await asyncio.gather(*(started_then_read(n) for n in range(300))))
+            ends = await asyncio.gather(*(client.wait(i, timeout=60) for i in ids))
+        prefetch = await listed_consumers("prefetch_count")
+    finally:
+        deployment.stop()
+    front_door = {part: prefetch[group_name(settings, CONTROL_PLANE, part)]
+                  for part in ("recorder", "orchestrator")}
+    completed = sum(end.status == "completed" for end in ends)
+    print(f"found: prefetch {front_door}; {read.count(None)} of 300 tasks not found; "
+          f"{completed} completed")
+    assert front_door == {"recorder": "5", "orchestrator": "5"}
+    assert None not in read
+    assert completed == 300
+    assert set(read) <= {"queued", "running", "completed"}
+
+
+async def listed_consumers(column: str) -> dict[str, str]:
+    """Each consumed queue's name and one column of `rabbitmqctl list_consumers`."""
+    return await rabbitmqctl("list_consumers", "queue_name", column)
+
+
 async def queued_for(queue: str) -> int:
     """How many messages a queue holds, ready or delivered and not acknowledged yet."""
     return int((await listed_queues("messages"))[queue])
@@ -79,7 +117,12 @@ async def queued_for(queue: str) -> int:
 
 async def listed_queues(column: str) -> dict[str, str]:
     """Each queue's name and one column of `rabbitmqctl list_queues`."""
+    return await rabbitmqctl("list_queues", "name", column)
+
+
+async def rabbitmqctl(*listing: str) -> dict[str, str]:
+    """A two-column listing of rabbitmqctl, as a dict."""
     listed = (await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "-q", "list_queues", "name", column],
+        subprocess.run, ["rabbitmqctl", "-q", *listing],
         capture_output=True, text=True, check=True, timeout=60)).stdout
     return dict(line.split("\t") for line in listed.splitlines())

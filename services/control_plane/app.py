@@ -46,6 +46,7 @@ from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTR
 from .. import checkpoints, counters, database, health, logs, sessions, telemetry
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
+from ..ordering import InOrderPerKey
 from ..settings import Settings, load
 from . import cleanup, metrics, state
 
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     publisher_id = f"control_plane@{socket.gethostname()}:{os.getpid()}"
     engine: AsyncEngine | None = None
     cleaner: asyncio.Task | None = None
+    in_order = InOrderPerKey()  # a task's messages, one at a time
 
     async def rejected(body: bytes, source: str, exc: Exception) -> None:
         error_type = getattr(exc, "error_type", type(exc).__name__)
@@ -70,15 +72,20 @@ def create_app(settings: Settings | None = None) -> FastStream:
             reason=str(exc), publisher_id=publisher_id,
         )
 
-    @subscribe_system(broker, settings, CONTROL_PLANE, "recorder")
+    @subscribe_system(broker, settings, CONTROL_PLANE, "recorder",
+                      concurrency=settings.rabbit_prefetch)
     async def on_task_message(body: bytes) -> None:
-        source = topic(ns, CONTROL_PLANE)
         try:
             message = parse_message(body)
         except InvalidMessage as exc:
-            await rejected(body, source, exc)
+            await rejected(body, topic(ns, CONTROL_PLANE), exc)
             return
         telemetry.tag(message)
+        async with in_order.turn(getattr(message.data, "task_id", None)):
+            await record(message, body)
+
+    async def record(message, body: bytes) -> None:
+        source = topic(ns, CONTROL_PLANE)
         # Replies go out before the commit: a crash between the two repeats the reply
         # (clients dedupe on task id and event index) rather than losing it. Live followers
         # are told after it, so that one who joins meanwhile reads the event from the log.

@@ -53,6 +53,7 @@ from ..bus import (
     subscribe_system,
 )
 from ..dead_letters import reject
+from ..ordering import InOrderPerKey
 from ..settings import Settings, load
 from . import state
 
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     known: dict[str, int | None] = {}  # registered services -> their limit across replicas
     sweeper: asyncio.Task | None = None
     timers: set[asyncio.Task] = set()  # retries waiting for their time
+    in_order = InOrderPerKey()  # a task's messages, one at a time
 
     async def is_registered(service: str) -> bool:
         if service not in known:
@@ -124,13 +126,18 @@ def create_app(settings: Settings | None = None) -> FastStream:
             topic(ns, CONTROL_PLANE), key=task.task_id,
         )
 
-    @subscribe_system(broker, settings, CONTROL_PLANE, "orchestrator")
+    @subscribe_system(broker, settings, CONTROL_PLANE, "orchestrator",
+                      concurrency=settings.rabbit_prefetch)
     async def on_task_message(body: bytes) -> None:
         try:
             message = parse_message(body)
         except InvalidMessage:
             return  # the control plane answers and dead-letters it
         telemetry.tag(message)
+        async with in_order.turn(getattr(message.data, "task_id", None)):
+            await act_on(message, body)
+
+    async def act_on(message, body: bytes) -> None:
         match message:
             case NewTaskMessage(data=task):
                 if await is_registered(task.service):
