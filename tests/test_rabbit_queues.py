@@ -89,7 +89,8 @@ async def test_the_front_door_is_taken_several_messages_at_a_time_and_nothing_is
                 task_id = await client.run_nowait("echo", n=n)
                 return task_id, await client.status(task_id)
 
-            ids, read = zip(*await asyncio.gather(*(started_then_read(n) for n in range(300))))
+            ids, read = zip(*await asyncio.gather(*(started_then_read(n) for n in range(300))),
+                            strict=True)
             ends = await asyncio.gather(*(client.wait(i, timeout=60) for i in ids))
         prefetch = await listed_consumers("prefetch_count")
     finally:
