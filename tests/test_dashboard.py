@@ -196,8 +196,8 @@ def test_the_chart_counts_the_tasks_finished_in_the_last_hour(page, http):
     finished = {status: len(http.get("/handlers", params={"status": status}).json()["handlers"])
                 for status in ("completed", "failed", "cancelled")}
 
-    for status, count in finished.items():
-        expect(page.locator(f"#{status}-total")).to_have_text(str(count))
+    for status, count in finished.items():  # the page reads the chart every 5 s
+        expect(page.locator(f"#{status}-total")).to_have_text(str(count), timeout=12_000)
     chart = page.locator("#throughput-chart svg")
     expect(chart.locator("rect.completed").first).to_be_attached()
     expect(chart.locator("rect.failed").first).to_be_attached()

@@ -1,13 +1,14 @@
-"""InOrderPerKey: one task's messages handled one at a time, in the order they came."""
+"""InOrderPerKey: one task's (one session's) messages handled one at a time, in the order
+they came."""
 
 import asyncio
 
 from conveyor.services.ordering import InOrderPerKey
 
 
-async def handled(in_order: InOrderPerKey, log: list, key: str | None, name: str,
+async def handled(in_order: InOrderPerKey, log: list, key: str | tuple | None, name: str,
                   seconds: float) -> None:
-    async with in_order.turn(key):
+    async with in_order.turn(*(key if isinstance(key, tuple) else (key,))):
         log.append(f"{name} starts")
         await asyncio.sleep(seconds)
         log.append(f"{name} ends")
@@ -41,3 +42,15 @@ async def test_a_block_cancelled_while_waiting_does_not_let_the_next_one_jump_ah
     await asyncio.gather(first, cancelled, third, return_exceptions=True)
     assert log == ["first starts", "first ends", "third starts", "third ends"]
     assert in_order._last == {}  # nothing kept once every block has ended
+
+
+async def test_tasks_of_one_session_wait_for_each_other_and_for_their_own_earlier_messages():
+    in_order, log = InOrderPerKey(), []
+    await asyncio.gather(handled(in_order, log, ("t1", "session s"), "t1 new task", 0.05),
+                         handled(in_order, log, ("t2", "session s"), "t2 new task", 0.0),
+                         handled(in_order, log, ("t3", None), "t3 new task", 0.0),
+                         handled(in_order, log, ("t2", None), "t2 cancel", 0.0))
+    assert log.index("t1 new task ends") < log.index("t2 new task starts")
+    assert log.index("t2 new task ends") < log.index("t2 cancel starts")
+    assert log.index("t3 new task ends") < log.index("t1 new task ends")  # another session
+    assert in_order._last == {}

@@ -46,7 +46,7 @@ from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTR
 from .. import checkpoints, counters, database, health, logs, sessions, telemetry
 from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
 from ..dead_letters import reject
-from ..ordering import InOrderPerKey
+from ..ordering import InOrderPerKey, task_and_session
 from ..settings import Settings, load
 from . import cleanup, metrics, state
 
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     publisher_id = f"control_plane@{socket.gethostname()}:{os.getpid()}"
     engine: AsyncEngine | None = None
     cleaner: asyncio.Task | None = None
-    in_order = InOrderPerKey()  # a task's messages, one at a time
+    in_order = InOrderPerKey()  # a task's (and a session's) messages, one at a time
 
     async def rejected(body: bytes, source: str, exc: Exception) -> None:
         error_type = getattr(exc, "error_type", type(exc).__name__)
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
             await rejected(body, topic(ns, CONTROL_PLANE), exc)
             return
         telemetry.tag(message)
-        async with in_order.turn(getattr(message.data, "task_id", None)):
+        async with in_order.turn(*task_and_session(message.data)):
             await record(message, body)
 
     async def record(message, body: bytes) -> None:

@@ -53,7 +53,7 @@ from ..bus import (
     subscribe_system,
 )
 from ..dead_letters import reject
-from ..ordering import InOrderPerKey
+from ..ordering import InOrderPerKey, task_and_session
 from ..settings import Settings, load
 from . import state
 
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
     known: dict[str, int | None] = {}  # registered services -> their limit across replicas
     sweeper: asyncio.Task | None = None
     timers: set[asyncio.Task] = set()  # retries waiting for their time
-    in_order = InOrderPerKey()  # a task's messages, one at a time
+    in_order = InOrderPerKey()  # a task's (a session's, a limited service's) messages, in order
 
     async def is_registered(service: str) -> bool:
         if service not in known:
@@ -134,7 +134,10 @@ def create_app(settings: Settings | None = None) -> FastStream:
         except InvalidMessage:
             return  # the control plane answers and dead-letters it
         telemetry.tag(message)
-        async with in_order.turn(getattr(message.data, "task_id", None)):
+        limited = None  # a limited service's tasks start in the order they came, too
+        if isinstance(message, NewTaskMessage) and known.get(message.data.service):
+            limited = f"service {message.data.service}"
+        async with in_order.turn(*task_and_session(message.data), limited):
             await act_on(message, body)
 
     async def act_on(message, body: bytes) -> None:
