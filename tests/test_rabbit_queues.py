@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conveyor.contracts.topics import CONTROL_PLANE
+from conveyor.contracts.topics import CONTROL_PLANE, QUERY
 from conveyor.services.bus import group_name
 from conveyor.services.settings import load
 
@@ -75,9 +75,10 @@ async def test_what_a_workflow_service_reports_is_not_handed_to_the_orchestrator
 async def test_the_front_door_is_taken_several_messages_at_a_time_and_nothing_is_missed(
         rabbit_url, tmp_path):
     """The control plane and the orchestrator each take CONVEYOR_RABBIT_PREFETCH messages of
-    the front door at once; 300 tasks started at once all run, and a get_task sent right
-    behind its NEW_TASK finds the task every time. (That one task's messages are handled in
-    the order they came is tested on its own, in test_ordering.py.)"""
+    the front door at once (the control plane as many queries); 300 tasks started at once
+    all run, and a get_task sent right behind its NEW_TASK finds the task every time. (That
+    one task's messages are handled in the order they came is tested on its own, in
+    test_ordering.py.)"""
     deployment = Deployment(rabbit_url, tmp_path, overrides={"CONVEYOR_RABBIT_PREFETCH": "5"})
     deployment.start("control-plane", "orchestrator", "echo")
     settings = load(broker_url=rabbit_url, namespace=deployment.namespace)
@@ -97,10 +98,11 @@ async def test_the_front_door_is_taken_several_messages_at_a_time_and_nothing_is
         deployment.stop()
     front_door = {part: prefetch[group_name(settings, CONTROL_PLANE, part)]
                   for part in ("recorder", "orchestrator")}
+    front_door["queries"] = prefetch[group_name(settings, QUERY, "control_plane")]
     completed = sum(end.status == "completed" for end in ends)
     print(f"found: prefetch {front_door}; {read.count(None)} of 300 tasks not found; "
           f"{completed} completed")
-    assert front_door == {"recorder": "5", "orchestrator": "5"}
+    assert front_door == {"recorder": "5", "orchestrator": "5", "queries": "5"}
     assert None not in read
     assert completed == 300
     assert set(read) <= {"queued", "running", "completed"}

@@ -187,7 +187,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
             async with engine.begin() as conn:
                 await state.record_dead_letter(conn, message.data)
 
-    @subscribe_system(broker, settings, QUERY, "control_plane")
+    @subscribe_system(broker, settings, QUERY, "control_plane",
+                      concurrency=settings.rabbit_prefetch)
     async def on_query(body: bytes) -> None:
         source = topic(ns, QUERY)
         try:
@@ -199,7 +200,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
             await rejected(body, source, InvalidMessage(
                 f"action {message.action.value!r} is not taken on {source}"))
             return
-        await answer_query(message)
+        async with in_order.turn(*task_and_session(message.data)):
+            await answer_query(message)
 
     async def answer_query(message: QueryMessage) -> None:
         query = message.data
