@@ -1,12 +1,14 @@
-"""Kafka: a consumer group's offsets committed in the background, many at a time, each only
-once its message is handled.
+"""Kafka: a consumer group's offsets committed each only once its message is handled, one
+commit for many messages when they come quickly.
 
 FastStream commits after every message it handles (AckPolicy.ACK), and waits for it: a
 round trip to the broker per message, which caps a consumer near 1,150 messages/s and costs
-the broker about as much CPU as the messages themselves. Here acknowledging a message notes
-its offset and the consumer goes on; COMMIT_AFTER later one commit takes every offset noted
-meanwhile (and, should a commit be under way, the next one follows it: one at a time, so a
-partition's committed offset only moves forward). What is committed is the offset after the
+the broker about as much CPU as the messages themselves. Here a message that comes after a
+pause is committed as FastStream does (at once, waited for: a commit in the background was
+measured to slow a sequential task by 0.3 to 2 ms), while one that comes within BUSY_GAP of
+the one before only has its offset noted: one commit, COMMIT_EVERY later (or after the
+commit under way), takes every offset noted meanwhile. One commit at a time, so that a
+partition's committed offset only moves forward. What is committed is the offset after the
 last message handled on each partition, never the consumer's position (which may be past a
 message still being handled), so a crash or a rebalance loses nothing: the messages handled
 since the last commit are delivered again, and every handler takes a duplicate as one (on
@@ -21,7 +23,8 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 log = logging.getLogger("conveyor.bus")
 
-COMMIT_AFTER = 0.02  # seconds from a message handled to the commit that takes its offset
+BUSY_GAP = 0.003  # seconds between two messages under which a consumer counts as busy
+COMMIT_EVERY = 0.01  # seconds a busy consumer's handled messages wait for their commit
 
 
 class _Pending:
@@ -32,11 +35,19 @@ class _Pending:
         self.offsets: dict[TopicPartition, int] = {}
         self.committing: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.last_handled = float("-inf")  # on the loop's clock
 
-    def handled(self, record: ConsumerRecord) -> None:
+    async def handled(self, record: ConsumerRecord) -> None:
         self.offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
-        if self.timer is None and (self.committing is None or self.committing.done()):
-            self.timer = asyncio.get_running_loop().call_later(COMMIT_AFTER, self._start)
+        loop = asyncio.get_running_loop()
+        busy, self.last_handled = loop.time() - self.last_handled < BUSY_GAP, loop.time()
+        if self.timer is not None or (self.committing and not self.committing.done()):
+            return  # the commit under way (or the next one) takes it
+        if busy:
+            self.timer = loop.call_later(COMMIT_EVERY, self._start)
+            return
+        self._start()
+        await self.committing
 
     def _start(self) -> None:
         self.timer = None
@@ -99,7 +110,7 @@ class CommitsInBatches:
         pending = self._pending.get(id(consumer))
         if pending is None or pending.consumer is not consumer:
             pending = self._pending[id(consumer)] = _Pending(consumer)
-        pending.handled(record)
+        await pending.handled(record)
         if self._stopping:
             await pending.flush()
 
