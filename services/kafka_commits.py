@@ -40,7 +40,8 @@ class _Pending:
     async def handled(self, record: ConsumerRecord) -> None:
         self.offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
         loop = asyncio.get_running_loop()
-        busy, self.last_handled = loop.time() - self.last_handled < BUSY_GAP, loop.time()
+        now = loop.time()
+        busy, self.last_handled = now - self.last_handled < BUSY_GAP, now
         if self.timer is not None or (self.committing and not self.committing.done()):
             return  # the commit under way (or the next one) takes it
         if busy:
