@@ -13,8 +13,9 @@ PARTS = ["control-plane", "orchestrator", "service", "broker"]
 # The README's points (a) to (g), figure by figure.
 FIGURES = [
     "hop_p50", "hop_p99", "workflow_p50", "workflow_p99", "physical_path",
+    "bare_path_p50", "bare_path_p99",
     "client_p50", "client_p95", "client_p99", "raw_p50", "raw_p95", "raw_p99",
-    "client_ratio", "raw_ratio",
+    "client_ratio", "raw_ratio", "client_bare_ratio", "raw_bare_ratio",
     "in_flight_tps", "queued_tps",
     *[f"{load}_cpu_{part}" for load in ("in_flight", "queued") for part in [*PARTS, "client"]],
     "up_to_first_task",

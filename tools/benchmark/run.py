@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 from rich.console import Console
 
+from .bare_path import bare_path
 from .floor import HOPS, bare_hop, workflow_run
 from .latency import raw_publisher, via_client, via_raw_json
 from .load import in_flight, queued
@@ -54,10 +55,11 @@ async def bench_broker(broker: str, url: str, tansu, sizes: Sizes, results: Resu
     try:
         deployment = Deployment(url, workdir / "deployment")
         deployment.workdir.mkdir(parents=True)
-        say.log(f"{broker}: the floor (bare hop, bare workflow run)")
+        say.log(f"{broker}: the floor (bare hop, bare workflow run, bare path)")
         paths = await _floor(broker, url, deployment.namespace, sizes, results)
+        bare = await _bare_path(broker, deployment, sizes, results)
         say.log(f"{broker}: a deployment: latency, throughput, memory")
-        await _deployment(broker, deployment, tansu, sizes, results, paths, tally, say)
+        await _deployment(broker, deployment, tansu, sizes, results, paths, bare, tally, say)
         say.log(f"{broker}: two replicas: kill -9 of the one holding a task")
         replicas = Deployment(url, workdir / "recovery", HEARTBEAT)
         replicas.workdir.mkdir()
@@ -94,8 +96,24 @@ async def _floor(broker: str, url: str, namespace: str, sizes: Sizes,
     return paths
 
 
+async def _bare_path(broker: str, deployment: Deployment, sizes: Sizes,
+                     results: Results) -> list[float]:
+    """Each repetition's bare path p50 (benchmark/bare_path.py), timed as the sequential
+    tasks are: one after another, as many."""
+    medians = []
+    async with bare_path(deployment.broker_url, deployment.namespace,
+                         env=deployment.env) as go:
+        for _ in range(sizes.repetitions):
+            times = [await go() for _ in range(sizes.sequential)]
+            medians.append(percentile(times, 50))
+            results.add("bare_path_p50", broker, medians[-1])
+            results.add("bare_path_p99", broker, percentile(times, 99))
+    return medians
+
+
 async def _deployment(broker: str, deployment: Deployment, tansu, sizes: Sizes,
-                      results: Results, paths: list[float], tally: Tally, say: Console) -> None:
+                      results: Results, paths: list[float], bare: list[float], tally: Tally,
+                      say: Console) -> None:
     deployment.start_core()
     deployment.serve("service", ECHO, "echo")
     try:
@@ -112,9 +130,9 @@ async def _deployment(broker: str, deployment: Deployment, tansu, sizes: Sizes,
                 for part, mb in rss_mb(processes).items():
                     results.add(f"rss_idle_{part}", broker, mb)
                 _latency(broker, "client", await via_client(client, sizes.sequential, tally),
-                         paths[rep], results)
+                         paths[rep], bare[rep], results)
                 _latency(broker, "raw", await via_raw_json(raw, sizes.sequential, tally),
-                         paths[rep], results)
+                         paths[rep], bare[rep], results)
                 async with PeakRss(processes) as peak:
                     many = await in_flight(client, with_client, sizes.in_flight_tasks,
                                            sizes.in_flight, tally, sizes.task_timeout)
@@ -149,10 +167,11 @@ async def _recovery(broker: str, deployment: Deployment, sizes: Sizes, results: 
                                [RESUMABLE_SERVICE])
 
 
-def _latency(broker: str, path: str, times: list[float], physical: float,
+def _latency(broker: str, path: str, times: list[float], physical: float, bare: float,
              results: Results) -> None:
     if not times:
         return  # every task was lost; the tally says so
     for q in (50, 95, 99):
         results.add(f"{path}_p{q}", broker, percentile(times, q))
     results.add(f"{path}_ratio", broker, percentile(times, 50) / physical)
+    results.add(f"{path}_bare_ratio", broker, percentile(times, 50) / bare)
