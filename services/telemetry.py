@@ -57,6 +57,17 @@ def carrier() -> dict[str, str] | None:
     return found or None
 
 
+def sender_carrier() -> dict[str, str] | None:
+    """The trace context of the span that sent the message being processed (its parent's),
+    to be stored in the sender's stead; the current one when that is not known."""
+    sent_from = getattr(trace.get_current_span(), "parent", None)  # an SDK span's
+    if sent_from is None:
+        return carrier()
+    found: dict[str, str] = {}
+    propagate.inject(found, trace.set_span_in_context(trace.NonRecordingSpan(sent_from)))
+    return found or None
+
+
 @contextmanager
 def resumed(task_id: str, stored: dict[str, str] | None) -> Iterator[None]:
     """Work done later for a task (a retry, a recovery, a resume) in the task's trace."""

@@ -381,10 +381,36 @@ async def test_an_attempt_whose_holder_went_silent_or_let_go_is_claimed_by_anoth
     assert lease.instance_id == "i-3"
 
 
-async def test_a_dispatch_the_orchestrator_has_not_committed_is_told_apart(engine):
+async def test_a_first_attempt_its_worker_gets_before_the_orchestrator_records_it_is_claimed(
+    engine,
+):
+    # The orchestrator publishes a task that waits for nothing before it records it.
+    task = new_task(parent_task_id="outer")
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     async with engine.begin() as conn:
-        point = await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
-    assert (point.skip, point.dispatched) == ("the orchestrator has no dispatch of it", False)
+        point = await starting_point(conn, task, 1, "i-1", KEY, LEASE, trace)
+    async with engine.begin() as conn:
+        recorded_after = await orchestrator_state.claim_first_dispatch(
+            conn, task.task_id, "echo", task=task.model_dump(mode="json"))
+        other = await starting_point(conn, task, 1, "i-2", KEY, LEASE)
+        row = (await conn.execute(database.dispatches.select())).one()
+    assert point.skip is None
+    assert (recorded_after.new, recorded_after.untaken) == (False, False)  # not sent again
+    assert other.skip == "instance i-1 holds it and is alive"
+    # What the sweep needs to dispatch it again, should i-1 go silent.
+    assert (row.attempt, row.instance_id, row.parent_task_id, row.held, row.trace) == (
+        1, "i-1", "outer", False, trace)
+    assert row.task == task.model_dump(mode="json") and row.heartbeat_at is not None
+
+
+async def test_a_later_attempt_the_orchestrator_has_not_committed_is_told_apart(engine):
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        point = await starting_point(conn, new_task(), 2, "i-1", KEY, LEASE)
+        rows = (await conn.execute(database.dispatches.select())).all()
+    assert (point.skip, point.dispatched) == (
+        "attempt 2 is not committed yet (attempt 1 is)", False)
+    assert [(row.attempt, row.instance_id) for row in rows] == [(1, None)]
 
 
 async def test_a_task_without_a_session_starts_with_no_state(engine):

@@ -274,7 +274,9 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         for pause in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 0):
             async with engine.begin() as conn:
                 start = await starting_point(conn, dispatch.task, dispatch.attempt, instance_id,
-                                             key, settings.heartbeat_timeout)
+                                             key, settings.heartbeat_timeout,
+                                             # Recorded here: in the dispatch's trace.
+                                             telemetry.sender_carrier())
             if start.dispatched:
                 break
             await asyncio.sleep(pause)

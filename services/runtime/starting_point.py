@@ -14,7 +14,7 @@ from conveyor.contracts import NewTask
 
 from .. import checkpoints, sessions
 from ..checkpoints import Checkpoint
-from ..database import dispatches, inbox, now
+from ..database import dispatches, inbox, insert_ignoring_duplicates, now
 
 if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -61,21 +61,26 @@ class StartingPoint:
 
 async def starting_point(
     conn: AsyncConnection, task: NewTask, attempt: int, instance_id: str, key: bytes,
-    lease_timeout: float,
+    lease_timeout: float, trace: dict | None = None,
 ) -> StartingPoint:
     """Claim the attempt (its lease starts now) and gather what it starts from.
 
     An attempt another instance holds, and has heartbeated for within `lease_timeout`, is
     not claimed: its message came again (a dropped connection) while that instance still
-    runs it. Raises CheckpointRefused when the task's last checkpoint fails verification.
+    runs it. A first attempt the state store has no dispatch of yet is recorded here,
+    claimed: the orchestrator publishes a task that waits for nothing before it records it
+    (and records it after, finding this). `trace` is the context it is recorded in. Raises
+    CheckpointRefused when the task's last checkpoint fails verification.
     """
     moment = now()
-    claimed = await conn.execute(_CLAIM, {
-        "claimed_task": task.task_id, "claimed_attempt": attempt, "claimer": instance_id,
-        "claimed_at": moment, "silent_since": moment - timedelta(seconds=lease_timeout)})
-    if claimed.rowcount == 0:
-        reason, dispatched = await _why_not(conn, task.task_id, attempt)
-        return StartingPoint(skip=reason, dispatched=dispatched)
+    claim = {"claimed_task": task.task_id, "claimed_attempt": attempt, "claimer": instance_id,
+             "claimed_at": moment, "silent_since": moment - timedelta(seconds=lease_timeout)}
+    claimed = await conn.execute(_CLAIM, claim)
+    if claimed.rowcount == 0 and not (attempt == 1 and await _record_first(
+            conn, task, instance_id, moment, trace)):
+        if (await conn.execute(_CLAIM, claim)).rowcount == 0:  # (recorded meanwhile)
+            reason, dispatched = await _why_not(conn, task.task_id, attempt)
+            return StartingPoint(skip=reason, dispatched=dispatched)
     point = StartingPoint(checkpoint=await checkpoints.load(conn, key, task.task_id))
     if point.checkpoint is None and task.session_id:
         point.state = await sessions.load_context_state(conn, task.session_id)
@@ -83,6 +88,19 @@ async def starting_point(
     found = await conn.execute(_SENT, {"sent_to": task.task_id, "taken": taken})
     point.sent = [{"seq": seq, "event": event, "step": step} for seq, event, step in found]
     return point
+
+
+async def _record_first(conn: AsyncConnection, task: NewTask, instance_id: str, moment,
+                        trace: dict | None) -> bool:
+    """Record attempt 1 of a task as the orchestrator would, claimed by this instance;
+    False when a dispatch of it is recorded already."""
+    recorded = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, dispatches), {
+        "task_id": task.task_id, "service": task.service, "attempt": 1,
+        "parent_task_id": task.parent_task_id, "session_id": task.session_id, "held": False,
+        "finished": False, "task": task.model_dump(mode="json"), "trace": trace,
+        "dispatched_at": moment, "instance_id": instance_id, "started_at": moment,
+        "heartbeat_at": moment})
+    return recorded.rowcount == 1
 
 
 async def _why_not(conn: AsyncConnection, task_id: str, attempt: int) -> tuple[str, bool]:
