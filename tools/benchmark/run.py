@@ -99,11 +99,12 @@ async def _floor(broker: str, url: str, namespace: str, sizes: Sizes,
 async def _bare_path(broker: str, deployment: Deployment, sizes: Sizes,
                      results: Results) -> list[float]:
     """Each repetition's bare path p50 (benchmark/bare_path.py), timed as the sequential
-    tasks are: one after another, as many."""
+    tasks are: after a second idle, one after another, as many."""
     medians = []
     async with bare_path(deployment.broker_url, deployment.namespace,
                          env=deployment.env) as go:
         for _ in range(sizes.repetitions):
+            await asyncio.sleep(1.0)  # idle first, as before the deployment's sequential tasks
             times = [await go() for _ in range(sizes.sequential)]
             medians.append(percentile(times, 50))
             results.add("bare_path_p50", broker, medians[-1])
