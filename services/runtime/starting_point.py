@@ -68,20 +68,22 @@ async def starting_point(
     An attempt another instance holds, and has heartbeated for within `lease_timeout`, is
     not claimed: its message came again (a dropped connection) while that instance still
     runs it. A first attempt the state store has no dispatch of yet is recorded here,
-    claimed: the orchestrator publishes a task that waits for nothing before it records it
-    (and records it after, finding this). `trace` is the context it is recorded in. Raises
-    CheckpointRefused when the task's last checkpoint fails verification.
+    claimed (tried first: the orchestrator publishes a task that waits for nothing before it
+    records it, so its worker mostly gets there first; the orchestrator then finds it).
+    `trace` is the context it is recorded in. Raises CheckpointRefused when the task's last
+    checkpoint fails verification.
     """
     moment = now()
-    claim = {"claimed_task": task.task_id, "claimed_attempt": attempt, "claimer": instance_id,
-             "claimed_at": moment, "silent_since": moment - timedelta(seconds=lease_timeout)}
-    claimed = await conn.execute(_CLAIM, claim)
-    if claimed.rowcount == 0 and not (attempt == 1 and await _record_first(
-            conn, task, instance_id, moment, trace)):
-        if (await conn.execute(_CLAIM, claim)).rowcount == 0:  # (recorded meanwhile)
-            reason, dispatched = await _why_not(conn, task.task_id, attempt)
-            return StartingPoint(skip=reason, dispatched=dispatched)
-    point = StartingPoint(checkpoint=await checkpoints.load(conn, key, task.task_id))
+    if attempt == 1 and await _record_first(conn, task, instance_id, moment, trace):
+        point = StartingPoint()  # recorded just now: it has no checkpoint yet
+    elif (await conn.execute(_CLAIM, {
+            "claimed_task": task.task_id, "claimed_attempt": attempt, "claimer": instance_id,
+            "claimed_at": moment, "silent_since": moment - timedelta(seconds=lease_timeout),
+    })).rowcount == 0:
+        reason, dispatched = await _why_not(conn, task.task_id, attempt)
+        return StartingPoint(skip=reason, dispatched=dispatched)
+    else:
+        point = StartingPoint(checkpoint=await checkpoints.load(conn, key, task.task_id))
     if point.checkpoint is None and task.session_id:
         point.state = await sessions.load_context_state(conn, task.session_id)
     taken = point.checkpoint.inbox_seq if point.checkpoint else 0
