@@ -37,10 +37,9 @@ async def claim_first_dispatch(
         held = (session_id is not None and await _unfinished(conn, session_id=session_id)) or (
             bool(limit) and (await _open_tasks(conn, service) >= limit
                              or await _unfinished(conn, service=service, held=True)))
-    result = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, dispatches), {
-        "task_id": task_id, "service": service, "attempt": 1, "parent_task_id": parent_task_id,
-        "session_id": session_id, "held": held, "finished": False, "task": task,
-        "trace": trace, "dispatched_at": now()})
+    result = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, dispatches),
+                                first_dispatch(task_id, service, parent_task_id, session_id,
+                                               task, trace, held=held))
     if result.rowcount == 1:
         return Claim(True, held)
     row = (await conn.execute(
@@ -48,6 +47,16 @@ async def claim_first_dispatch(
         .where(*_open(task_id), dispatches.c.paused.is_(False)))).first()
     untaken = row is not None and row.attempt == 1 and not row.held and row.instance_id is None
     return Claim(False, untaken=untaken)
+
+
+def first_dispatch(task_id: str, service: str, parent_task_id: str | None,
+                   session_id: str | None, task: dict | None, trace: dict | None, *,
+                   held: bool = False) -> dict:
+    """The dispatch row of a task's attempt 1, as recorded (by the orchestrator, or by the
+    worker that got its message first)."""
+    return {"task_id": task_id, "service": service, "attempt": 1,
+            "parent_task_id": parent_task_id, "session_id": session_id, "held": held,
+            "finished": False, "task": task, "trace": trace, "dispatched_at": now()}
 
 
 async def _decide_alone(conn: AsyncConnection) -> None:

@@ -271,12 +271,12 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         and a later attempt just after the broker has it (or rolls it back, to dispatch it
         again, when its connection dropped meanwhile): a dispatch not in the state store
         yet is looked for again for a while."""
+        # Should it record the dispatch (attempt 1), in the dispatch's trace.
+        trace = telemetry.sender_carrier() if dispatch.attempt == 1 else None
         for pause in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 0):
             async with engine.begin() as conn:
                 start = await starting_point(conn, dispatch.task, dispatch.attempt, instance_id,
-                                             key, settings.heartbeat_timeout,
-                                             # Recorded here: in the dispatch's trace.
-                                             telemetry.sender_carrier())
+                                             key, settings.heartbeat_timeout, trace)
             if start.dispatched:
                 break
             await asyncio.sleep(pause)

@@ -15,6 +15,7 @@ from conveyor.contracts import NewTask
 from .. import checkpoints, sessions
 from ..checkpoints import Checkpoint
 from ..database import dispatches, inbox, insert_ignoring_duplicates, now
+from ..orchestrator.state import first_dispatch
 
 if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -96,12 +97,10 @@ async def _record_first(conn: AsyncConnection, task: NewTask, instance_id: str, 
                         trace: dict | None) -> bool:
     """Record attempt 1 of a task as the orchestrator would, claimed by this instance;
     False when a dispatch of it is recorded already."""
+    row = first_dispatch(task.task_id, task.service, task.parent_task_id, task.session_id,
+                         task.model_dump(mode="json"), trace)
     recorded = await conn.execute(insert_ignoring_duplicates(conn.dialect.name, dispatches), {
-        "task_id": task.task_id, "service": task.service, "attempt": 1,
-        "parent_task_id": task.parent_task_id, "session_id": task.session_id, "held": False,
-        "finished": False, "task": task.model_dump(mode="json"), "trace": trace,
-        "dispatched_at": moment, "instance_id": instance_id, "started_at": moment,
-        "heartbeat_at": moment})
+        **row, "instance_id": instance_id, "started_at": moment, "heartbeat_at": moment})
     return recorded.rowcount == 1
 
 
