@@ -86,13 +86,23 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def dispatch(task: NewTask) -> None:
         limit = known.get(task.service)
-        if task.session_id is None and not limit:
-            await dispatch_at_once(task)
-            return
+        # A task that waits for nothing (no session, no limit on its service) is published
+        # first and recorded after, off its path: the worker that takes it records it itself
+        # should it come first (starting_point). Any other is recorded first, the record
+        # deciding whether it waits, and published after the commit. Should this process
+        # stop in between (or the publish fail), the NEW_TASK is not acknowledged: delivered
+        # again, it is published again (the first kind), or finds its dispatch untaken and
+        # sends it again; a worker runs an attempt once however many copies of its dispatch
+        # arrive, and never one that has ended.
+        at_once = task.session_id is None and not limit
+        if at_once:
+            await publish_first_attempt(task)
         async with engine.begin() as conn:
             claim = await state.claim_first_dispatch(
                 conn, task.task_id, task.service, task.parent_task_id,
                 task.model_dump(mode="json"), telemetry.carrier(), task.session_id, limit)
+        if at_once:
+            return
         if not claim.new and not claim.untaken:
             log.info("task %s was dispatched before; duplicate ignored", task.task_id)
             return
@@ -100,24 +110,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
             log.info("task %s waits for the task before it in its session or for room in "
                      "service %s", task.task_id, task.service)
             return
-        # Published after the commit: whether it waits was decided there. Should this
-        # process stop in between (or the publish fail), the NEW_TASK is not acknowledged:
-        # delivered again, it finds the dispatch untaken and sends it again (a worker runs an
-        # attempt once however many copies of its dispatch arrive).
         await publish_first_attempt(task)
-
-    async def dispatch_at_once(task: NewTask) -> None:
-        """A task that waits for nothing (no session, no limit on its service) is published
-        first and recorded after, off its path: the worker that takes it records it
-        itself should it come first (starting_point). Should this process stop in between,
-        the NEW_TASK, not acknowledged, is delivered again and published again: a worker runs
-        an attempt once however many copies of its dispatch arrive, and one that has ended
-        is not run again."""
-        await publish_first_attempt(task)
-        async with engine.begin() as conn:
-            await state.claim_first_dispatch(
-                conn, task.task_id, task.service, task.parent_task_id,
-                task.model_dump(mode="json"), telemetry.carrier())
 
     async def publish_first_attempt(task: NewTask) -> None:
         message = DispatchTaskMessage(
