@@ -26,7 +26,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 
-from .brokers import LOGGING, create_topic, kafka_servers, raw_body
+from .brokers import KAFKA_GROUP, LOGGING, create_topic, kafka_servers, raw_body
 
 Path = Callable[[], Awaitable[float]]
 
@@ -53,10 +53,8 @@ class _Wire:
             self.broker.subscriber(queue, self.exchange, ack_policy=AckPolicy.ACK,
                                    decoder=raw_body)(handler)
         else:
-            self.broker.subscriber(topic, group_id=f"{topic}.group", ack_policy=AckPolicy.ACK,
-                                   auto_offset_reset="earliest", fetch_max_wait_ms=10,
-                                   session_timeout_ms=6_000, heartbeat_interval_ms=1_000,
-                                   decoder=raw_body)(handler)
+            self.broker.subscriber(topic, group_id=f"{topic}.group", decoder=raw_body,
+                                   **KAFKA_GROUP)(handler)
 
     async def publish(self, body: bytes, topic: str) -> None:
         if self.rabbit:

@@ -6,11 +6,16 @@ from contextlib import suppress
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from faststream import AckPolicy
 from faststream.message import StreamMessage
 
 quiet = logging.getLogger("benchmark.broker")
 quiet.setLevel(logging.WARNING)
 LOGGING = {"logger": quiet, "log_level": logging.DEBUG}
+# A Kafka group subscriber's options, as Conveyor's own subscriptions have them (services/bus.py).
+KAFKA_GROUP = {"ack_policy": AckPolicy.ACK, "auto_offset_reset": "earliest",
+               "fetch_max_wait_ms": 10, "session_timeout_ms": 6_000,
+               "heartbeat_interval_ms": 1_000}
 
 
 async def raw_body(message: StreamMessage) -> bytes:

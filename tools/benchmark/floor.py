@@ -16,7 +16,7 @@ from faststream.rabbit import RabbitBroker, RabbitQueue
 
 from conveyor.services.examples.echo import workflow
 
-from .brokers import LOGGING, create_topic, kafka_servers, raw_body
+from .brokers import KAFKA_GROUP, LOGGING, create_topic, kafka_servers, raw_body
 
 # Conveyor's critical path ("How a task travels"): client -> <ns>.control_plane (the
 # orchestrator's group), orchestrator -> <ns>.echo (a replica), worker -> reply_to, in the
@@ -54,11 +54,8 @@ async def bare_hop(broker_url: str, namespace: str) -> AsyncIterator[Hop]:
     else:
         await create_topic(broker_url, name)
         broker = KafkaBroker(kafka_servers(broker_url), acks="all", **LOGGING)
-        # The options Conveyor's own subscriptions use (services/bus.py).
-        broker.subscriber(name, group_id=f"{name}.group", ack_policy=AckPolicy.ACK,
-                          auto_offset_reset="earliest", fetch_max_wait_ms=10,
-                          session_timeout_ms=6_000, heartbeat_interval_ms=1_000,
-                          decoder=raw_body)(on_message)
+        broker.subscriber(name, group_id=f"{name}.group", decoder=raw_body,
+                          **KAFKA_GROUP)(on_message)
 
         async def send(token: bytes) -> None:
             await broker.publish(token, topic=name, key=token)
