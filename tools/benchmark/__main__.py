@@ -1,4 +1,4 @@
-"""`tools/bench [--quick] [--json PATH]`: Conveyor on RabbitMQ and on Kafka (a tansu broker
+"""`tools/bench [--quick] [--json PATH]`: Conveyor on RabbitMQ and on Kafka (tansu brokers
 started here), beside the floor each broker sets, in one run.
 
 Exits 1 when a figure could not be produced or a task was lost.
@@ -13,9 +13,8 @@ from pathlib import Path
 import uvloop
 from rich.console import Console
 
-from conveyor import embedded_broker
-
 from .floor import HOPS, HOPS_WHY
+from .parts import BrokerServer
 from .report import BROKERS, Results
 from .run import FULL, HEARTBEAT, QUICK, bench_broker
 from .scaling import KAFKA_PARTITIONS, MAX_CONCURRENT_TASKS
@@ -44,20 +43,15 @@ async def run_all(brokers: list[str], args: argparse.Namespace, results: Results
     results.repetitions = sizes.repetitions
     results.sizes = sizes.as_dict()
     for broker in brokers:
-        tansu = None
+        (workdir / broker).mkdir()
+        server = BrokerServer(broker, args.rabbit_url, workdir / broker)
         try:
-            if broker == "rabbit":
-                url = args.rabbit_url
-            else:
-                tansu, url = embedded_broker.start(log_path=str(workdir / "tansu.log"))
-            await bench_broker(broker, url, tansu, sizes, results, workdir / broker, say)
+            await bench_broker(broker, server, sizes, results, workdir / broker, say)
         except Exception as exc:
             results.errors[broker] = f"{type(exc).__name__}: {exc}"
             say.print_exception()
         finally:
-            if tansu is not None:
-                tansu.kill()
-                tansu.wait()
+            server.stop()
 
 
 def main() -> int:

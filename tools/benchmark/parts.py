@@ -13,7 +13,7 @@ from pathlib import Path
 import aio_pika
 import psutil
 
-from conveyor import Client, TaskFailed
+from conveyor import Client, TaskFailed, embedded_broker
 from conveyor.services.bus import SYSTEM_SUBSCRIPTIONS, group_name
 from conveyor.services.settings import load
 
@@ -143,14 +143,44 @@ async def forget_namespace(broker_url: str, namespace: str, services: list[str])
         await channel.exchange_delete(namespace)
 
 
-def broker_process(broker_url: str, tansu: subprocess.Popen | None) -> psutil.Process:
-    """RabbitMQ's Erlang VM (beam.smp), or the tansu this run started."""
-    if tansu is not None and not broker_url.startswith("amqp"):
-        return psutil.Process(tansu.pid)
-    for process in psutil.process_iter(["name"]):
-        if process.info["name"] == "beam.smp":
-            return process
-    raise RuntimeError("no beam.smp process: is RabbitMQ running on this machine?")
+class BrokerServer:
+    """The broker a phase of the run is on: RabbitMQ as given, or a tansu of the run's own.
+
+    tansu's memory storage keeps every message and slows as it fills: in one long run the
+    second repetition's 13,000 tasks took over three times as long as the first's, tansu at
+    a whole core, Conveyor's parts near idle. So each Kafka deployment gets a tansu of its
+    own (`fresh`); RabbitMQ's drained queues stay as fast, and its deployments share it.
+    """
+
+    def __init__(self, kind: str, rabbit_url: str, workdir: Path) -> None:
+        self.kind, self.url, self.workdir = kind, rabbit_url, workdir
+        self.tansu: subprocess.Popen | None = None
+        self.started = 0
+
+    def fresh(self) -> str:
+        """The URL of a broker for the next deployment: on Kafka a tansu just started."""
+        if self.kind == "rabbit":
+            return self.url
+        self.stop()
+        self.started += 1
+        self.tansu, self.url = embedded_broker.start(
+            log_path=str(self.workdir / f"tansu-{self.started}.log"))
+        return self.url
+
+    def process(self) -> psutil.Process:
+        """RabbitMQ's Erlang VM (beam.smp), or the current tansu."""
+        if self.tansu is not None:
+            return psutil.Process(self.tansu.pid)
+        for process in psutil.process_iter(["name"]):
+            if process.info["name"] == "beam.smp":
+                return process
+        raise RuntimeError("no beam.smp process: is RabbitMQ running on this machine?")
+
+    def stop(self) -> None:
+        if self.tansu is not None:
+            self.tansu.kill()
+            self.tansu.wait()
+            self.tansu = None
 
 
 def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:

@@ -1,9 +1,11 @@
 """One broker's part of a benchmark run: the floor; a deployment (control plane,
 orchestrator, one echo service, default settings) for latency, throughput and memory; a
 second one with two replicas of a service and short heartbeats for recovery; `conveyor up`
-from nothing; and last one deployment for each count of `slow` replicas, for scaling."""
+from nothing; and last one deployment for each count of `slow` replicas, for scaling. On
+Kafka each deployment, and each repetition of the first, has a fresh tansu (BrokerServer)."""
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from .bare_path import bare_path
 from .floor import HOPS, bare_hop, workflow_run
 from .latency import raw_publisher, via_client, via_raw_json
 from .load import in_flight, queued
-from .parts import ECHO, Deployment, PeakRss, broker_process, forget_namespace, rss_mb
+from .parts import ECHO, BrokerServer, Deployment, PeakRss, forget_namespace, rss_mb
 from .recovery import SERVICE as RESUMABLE_SERVICE
 from .recovery import resume_after_kill9
 from .report import Results
@@ -49,28 +51,38 @@ FULL = Sizes(repetitions=5, hops=500, workflow_runs=500, sequential=300, in_flig
              in_flight_tasks=3000, queued=10_000, task_timeout=900, scaling_tasks=1000)
 
 
-async def bench_broker(broker: str, url: str, tansu, sizes: Sizes, results: Results,
+async def bench_broker(broker: str, server: BrokerServer, sizes: Sizes, results: Results,
                        workdir: Path, say: Console) -> None:
     tally = Tally()
+    reps = range(sizes.repetitions)
     try:
+        url = server.fresh()
         deployment = Deployment(url, workdir / "deployment")
-        deployment.workdir.mkdir(parents=True)
+        deployment.workdir.mkdir()
         say.log(f"{broker}: the floor (bare hop, bare workflow run, bare path)")
         paths = await _floor(broker, url, deployment.namespace, sizes, results)
         bare = await _bare_path(broker, deployment, sizes, results)
         say.log(f"{broker}: a deployment: latency, throughput, memory")
-        await _deployment(broker, deployment, tansu, sizes, results, paths, bare, tally, say)
+        if server.kind == "rabbit":  # one deployment, its repetitions one after another
+            await _deployment(broker, deployment, server, sizes, reps, results, paths, bare,
+                              tally, say)
+        else:  # a fresh tansu and deployment for each repetition (see BrokerServer)
+            for rep in reps:
+                again = Deployment(server.fresh(), workdir / f"deployment-{rep}")
+                again.workdir.mkdir()
+                await _deployment(broker, again, server, sizes, [rep], results, paths, bare,
+                                  tally, say)
         say.log(f"{broker}: two replicas: kill -9 of the one holding a task")
-        replicas = Deployment(url, workdir / "recovery", HEARTBEAT)
+        replicas = Deployment(server.fresh(), workdir / "recovery", HEARTBEAT)
         replicas.workdir.mkdir()
         await _recovery(broker, replicas, sizes, results, tally, say)
-        for rep in range(sizes.repetitions):
+        for rep in reps:
             say.log(f"{broker}: conveyor up to the first task ({rep + 1})")
             up_dir = workdir / f"up-{rep}"
             up_dir.mkdir()
-            results.add("up_to_first_task", broker, await up_to_first_task(url, up_dir))
+            results.add("up_to_first_task", broker, await up_to_first_task(server.url, up_dir))
         say.log(f"{broker}: scaling: 1, 2 and 4 replicas of a 20 ms step")
-        per_replica = await scaling(broker, url, sizes.scaling_tasks, sizes.in_flight,
+        per_replica = await scaling(broker, server.fresh, sizes.scaling_tasks, sizes.in_flight,
                                     sizes.repetitions, sizes.task_timeout, results, tally,
                                     workdir, say)
         results.meta.setdefault("scaling_tasks_per_replica", {})[broker] = per_replica
@@ -112,9 +124,10 @@ async def _bare_path(broker: str, deployment: Deployment, sizes: Sizes,
     return medians
 
 
-async def _deployment(broker: str, deployment: Deployment, tansu, sizes: Sizes,
-                      results: Results, paths: list[float], bare: list[float], tally: Tally,
-                      say: Console) -> None:
+async def _deployment(broker: str, deployment: Deployment, server: BrokerServer, sizes: Sizes,
+                      reps: Iterable[int], results: Results, paths: list[float],
+                      bare: list[float], tally: Tally, say: Console) -> None:
+    """The repetitions `reps` of latency, throughput and memory, one after another."""
     deployment.start_core()
     deployment.serve("service", ECHO, "echo")
     try:
@@ -124,9 +137,9 @@ async def _deployment(broker: str, deployment: Deployment, tansu, sizes: Sizes,
             await via_raw_json(raw, 1, tally)  # the reply topic's first message
             processes = {part: psutil.Process(deployment.processes[part].pid)
                          for part in ("control-plane", "orchestrator", "service")}
-            processes["broker"] = broker_process(deployment.broker_url, tansu)
+            processes["broker"] = server.process()
             with_client = {**processes, "client": psutil.Process()}
-            for rep in range(sizes.repetitions):
+            for rep in reps:
                 await asyncio.sleep(1.0)  # idle: nothing in flight
                 for part, mb in rss_mb(processes).items():
                     results.add(f"rss_idle_{part}", broker, mb)

@@ -2,6 +2,7 @@
 step waits 20 ms, each count in a deployment of its own; and how many tasks each replica ran."""
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -31,17 +32,18 @@ def figure(replicas: int) -> str:
     return f"scaling_tps_{replicas}"
 
 
-async def scaling(broker: str, url: str, tasks: int, width: int, repetitions: int,
-                  timeout: float, results: Results, tally: Tally, workdir: Path,
+async def scaling(broker: str, fresh: Callable[[], str], tasks: int, width: int,
+                  repetitions: int, timeout: float, results: Results, tally: Tally, workdir: Path,
                   say: Console) -> dict[str, list[int]]:
-    """Each replica count's figure in `results`; returns, by count, the tasks each replica
-    ran (readiness probes included), most first."""
+    """Each replica count's figure in `results`, each count a deployment on the broker
+    `fresh()` gives; returns, by count, the tasks each replica ran (readiness probes
+    included), most first."""
     settings = {"CONVEYOR_MAX_CONCURRENT_TASKS": str(MAX_CONCURRENT_TASKS)}
     if broker == "kafka":
         settings["CONVEYOR_KAFKA_PARTITIONS"] = str(KAFKA_PARTITIONS)
     per_replica = {}
     for replicas in REPLICAS:
-        deployment = Deployment(url, workdir / f"scaling-{replicas}", settings)
+        deployment = Deployment(fresh(), workdir / f"scaling-{replicas}", settings)
         deployment.workdir.mkdir()
         deployment.start_core()
         for n in range(replicas):
