@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from conveyor import running
 from conveyor.contracts import InvalidName
 from conveyor.services import logs
 from conveyor.services.settings import ConfigurationError, load
@@ -32,12 +33,6 @@ def fail(reason: object) -> None:
     raise typer.Exit(1)
 
 
-def _run_loop(coroutine) -> Any:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)
-    return uvloop.run(coroutine)
 
 
 def _serve(make_app: Callable[[], Any]) -> None:
@@ -58,7 +53,7 @@ def _serve(make_app: Callable[[], Any]) -> None:
             raise
 
     try:
-        _run_loop(run())
+        running.run(run())
     except (ConfigurationError, InvalidName) as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -150,7 +145,7 @@ def gateway(
                                f"{settings.gateway_port} (see the log above)")
 
     try:
-        _run_loop(run())
+        running.run(run())
     except KeyboardInterrupt:
         pass
     except Exception as exc:
@@ -188,7 +183,7 @@ def _client_call(action: Callable[[Any], Any]) -> Any:
                 raise
             fail(f"{type(exc).__name__}: {exc}")
 
-    return _run_loop(go())
+    return running.run(go())
 
 
 def _print_line(value: Any) -> None:

@@ -19,11 +19,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from multiprocessing.connection import wait as wait_for_any
 
 from rich.console import Console
 
-from conveyor import embedded_broker
+from conveyor import embedded_broker, running
 from conveyor.client import Client
 from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.services.settings import load
@@ -112,7 +113,8 @@ def run_everything(services: list[str]) -> int:
             children[name] = _start(name, command)
         services_up = [name for name in commands
                        if name not in ("control-plane", "orchestrator", "gateway")]
-        asyncio.run(_until_registered(url, settings.namespace, services_up, children))
+        running.run(_until_registered(url, settings.namespace, services_up, children),
+                    uvloop=False)
         console.print(f"running {', '.join(children)} on {url} (state: {settings.state_url})")
         console.print(f"the HTTP gateway: http://127.0.0.1:{gateway} (routes: /docs)")
         console.print(f"the dashboard: http://127.0.0.1:{gateway}/dashboard")
@@ -176,13 +178,14 @@ def _first_to_exit(children: dict[str, multiprocessing.Process],
 
 
 def _stop(parts: list[multiprocessing.Process], broker: subprocess.Popen | None) -> None:
-    """SIGTERM every process, then SIGKILL whatever is still there after the grace period;
-    the broker last, once the parts have let go of it."""
+    """SIGTERM every process, then SIGKILL whatever is still there after the grace period
+    (one for all of them); the broker last, once the parts have let go of it."""
     for part in parts:
         if part.is_alive():
             part.terminate()
+    deadline = time.monotonic() + GRACE_SECONDS
     for part in parts:
-        part.join(GRACE_SECONDS)
+        part.join(max(0.0, deadline - time.monotonic()))
         if part.is_alive():
             part.kill()
             part.join()

@@ -3,6 +3,7 @@
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -109,3 +110,37 @@ def test_a_part_that_cannot_start_stops_conveyor_up_with_its_name(rabbit_url, tm
     assert up.returncode == 1
     assert "No module named 'no_such_module'" in up.stderr + up.stdout
     assert "broken exited with status 1; stopping the rest" in up.stdout
+
+
+def test_ctrl_c_while_conveyor_up_waits_for_its_parts_stops_everything(tmp_path):
+    """Ctrl-C comes while `conveyor up` still connects to the broker (here one that never
+    answers): it stops at once, for a connection cancelled while connecting goes on
+    reconnecting in aio-pika, and asyncio.run would wait for it forever."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers
+    port = silent.getsockname()[1]
+    env = {**os.environ, "CONVEYOR_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{port}/",
+           "CONVEYOR_NAMESPACE": f"up{uuid.uuid4().hex[:8]}"}
+    up = subprocess.Popen([sys.executable, "-m", "conveyor", "up"], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        children: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(children) < 3 + len(EXAMPLES) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            children = [int(p) for p in subprocess.run(
+                ["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()]
+        assert len(children) == 3 + len(EXAMPLES)
+        time.sleep(1.0)  # its own client is connecting by now
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("conveyor up did not stop on Ctrl-C while connecting")
+        out = up.stdout.read()
+        assert code == 0, out
+        assert "stopping" in out
+        assert [pid for pid in children if _alive(pid)] == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+        silent.close()
