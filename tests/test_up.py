@@ -120,8 +120,9 @@ def test_ctrl_c_while_conveyor_up_waits_for_its_parts_stops_everything(tmp_path)
     port = silent.getsockname()[1]
     env = {**os.environ, "CONVEYOR_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{port}/",
            "CONVEYOR_NAMESPACE": f"up{uuid.uuid4().hex[:8]}"}
+    log = (tmp_path / "up.log").open("w")  # not a pipe: a child left alive would hold it open
     up = subprocess.Popen([sys.executable, "-m", "conveyor", "up"], cwd=tmp_path, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=log, stderr=subprocess.STDOUT)
     try:
         children: list[int] = []
         deadline = time.monotonic() + 30
@@ -136,11 +137,12 @@ def test_ctrl_c_while_conveyor_up_waits_for_its_parts_stops_everything(tmp_path)
             code = up.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pytest.fail("conveyor up did not stop on Ctrl-C while connecting")
-        out = up.stdout.read()
+        out = (tmp_path / "up.log").read_text()
         assert code == 0, out
         assert "stopping" in out
         assert [pid for pid in children if _alive(pid)] == []
     finally:
         if up.poll() is None:
             up.kill()
+        log.close()
         silent.close()
