@@ -430,9 +430,15 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         await asyncio.gather(*(job for _, job, _ in list(jobs.values())), return_exceptions=True)
 
     async def beat_forever() -> None:
-        """Renew the leases of the tasks this instance holds, in the state store (so that
-        how late the orchestrator reads a heartbeat never costs a live worker its task), and
-        tell the control plane it is alive and what it runs."""
+        """Renew the leases of the tasks this instance holds, and tell the control plane it
+        is alive and what it runs: two loops, so that a heartbeat message waiting out a
+        broker outage never holds up the leases (the state store is still there, and a
+        lease run out would have the orchestrator run the task again elsewhere)."""
+        await asyncio.gather(renew_forever(), announce_forever())
+
+    async def renew_forever() -> None:
+        """Renew the leases in the state store, so that how late the orchestrator reads a
+        heartbeat never costs a live worker its task."""
         while True:
             await asyncio.sleep(settings.heartbeat_interval)
             try:
@@ -441,6 +447,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                         await renew(conn, instance_id, dict(running))
             except Exception as exc:  # the next beat tries again, well within the timeout
                 log.warning("leases not renewed: %s", exc)
+
+    async def announce_forever() -> None:
+        while True:
+            await asyncio.sleep(settings.heartbeat_interval)
             beat = Heartbeat(
                 service=name, instance_id=instance_id,
                 running=[RunningTask(task_id=t, attempt=a) for t, a in running.items()],
