@@ -13,7 +13,7 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from aiormq.exceptions import ChannelInvalidStateError
@@ -44,11 +44,12 @@ from conveyor.contracts.topics import (
     REPORTS,
 )
 
-from . import telemetry
+from . import telemetry, write_lock
 from .kafka_commits import CommitsInBatches
 from .settings import Settings
 
 Broker = RabbitBroker | KafkaBroker
+T = TypeVar("T")
 Handler = Callable[[bytes, StreamMessage], Awaitable[Any]]
 
 _quiet = logging.getLogger("conveyor.broker")
@@ -230,6 +231,13 @@ def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
             return await handler(body)
         except Redeliver:
             raise
+        except UNREACHABLE as exc:
+            # Not the message's fault, and not counted against it: it comes again once the
+            # broker is back (its handler rolled its transaction back; see write_lock).
+            _quiet.warning("handler on %s met an unreachable broker (%s: %s); its message "
+                           "comes again", topic, type(exc).__name__, exc)
+            await asyncio.sleep(1.0)
+            raise
         except Exception as exc:
             key = hashlib.sha256(body).hexdigest()
             failures[key] = count = failures.get(key, 0) + 1
@@ -336,35 +344,54 @@ async def publish(
     whole (a broadcast), which are read from partition 0. While the broker is unreachable
     (restarting, connection dropped) the publish is retried with backoff for
     CONVEYOR_PUBLISH_TIMEOUT seconds, then fails with PublishFailed: a message may be sent
-    twice (every handler takes duplicates), never silently lost.
+    twice (every handler takes duplicates), never silently lost. Inside a transaction that
+    holds SQLite's write lock it is tried once, and fails as the broker's client failed
+    (see write_lock).
     """
     body = encode(message)
     if len(body) > MAX_MESSAGE_BYTES:  # every consumer would refuse it: refused here, unsent
         raise MessageTooLarge(
             f"{message.action.value} of {len(body)} bytes is over the limit of "
             f"{MAX_MESSAGE_BYTES} bytes; not sent to {topic}")
+
+    async def send() -> None:
+        await _send(broker, settings, body, message.id, topic, key, partition, copy_to)
+
+    if write_lock.held():  # tried once: the caller's transaction rolls back if it fails
+        await send()
+        return
+    await through_outages(settings, f"{message.action.value} to {topic}", send)
+
+
+async def through_outages(settings: Settings, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """`attempt()`, tried again with backoff while it finds the broker unreachable, for
+    CONVEYOR_PUBLISH_TIMEOUT seconds; then PublishFailed, naming `what` was not sent.
+
+    For a transaction that publishes (see write_lock): each try rolls back when the broker
+    is unreachable, and the next begins anew, so the state store is not locked meanwhile.
+    """
     try:
         # The first try goes without building a retrier: a publish seldom meets an outage.
-        await _send(broker, settings, body, message.id, topic, key, partition, copy_to)
-        return
+        return await attempt()
     except UNREACHABLE as exc:
         _quiet.warning("publish failed (%s: %s); retrying", type(exc).__name__, exc)
     try:
-        async for attempt in AsyncRetrying(
+        async for retry in AsyncRetrying(
             stop=stop_after_delay(settings.publish_timeout),
             wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.2),
             retry=retry_if_exception_type(UNREACHABLE),
             before_sleep=_retrying,
         ):
-            with attempt:
-                await _send(broker, settings, body, message.id, topic, key, partition, copy_to)
+            with retry:
+                result = await attempt()
     except RetryError as exc:
         last = exc.last_attempt.exception()
         raise PublishFailed(
-            f"could not publish {message.action.value} to {topic}: the broker was unreachable "
-            f"for {settings.publish_timeout:g} s (CONVEYOR_PUBLISH_TIMEOUT); last error: "
+            f"could not publish {what}: the broker was unreachable for "
+            f"{settings.publish_timeout:g} s (CONVEYOR_PUBLISH_TIMEOUT); last error: "
             f"{type(last).__name__}: {last}"
         ) from last
+    return result
 
 
 async def publish_to_any_replica(broker: Broker, settings: Settings, message: QueueMessage,

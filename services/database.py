@@ -36,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import sqlite
 
+from . import write_lock
 from .settings import ConfigurationError
 
 if TYPE_CHECKING:  # imported for PostgreSQL only: SQLAlchemy's asyncio and its ORM take time
@@ -359,7 +360,8 @@ class SQLiteStore:
             connection = self.sync_engine.connect()
             try:
                 await _begin_immediate(connection)
-                yield SQLiteConnection(connection)
+                with write_lock.holding():
+                    yield SQLiteConnection(connection)
                 connection.commit()
             finally:
                 connection.close()  # rolls back what was not committed
@@ -371,7 +373,8 @@ class SQLiteStore:
         async with self._turn:
             connection = self.sync_engine.connect()
             try:
-                yield SQLiteConnection(connection)
+                with write_lock.holding():  # from its first statement on
+                    yield SQLiteConnection(connection)
             finally:
                 connection.close()
 

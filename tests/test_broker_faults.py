@@ -6,7 +6,10 @@ run alone on the broker: nothing else may be using it while it restarts.
 """
 
 import asyncio
+import sqlite3
 import subprocess
+import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -118,5 +121,60 @@ async def test_a_part_is_unhealthy_while_rabbitmq_is_away_and_healthy_once_it_is
         await eventually(lambda: check(True), timeout=60)
         print("found: unhealthy while RabbitMQ was away, healthy again once it was back")
         assert deployment.processes["echo"].poll() is None  # it waited, it did not exit
+    finally:
+        deployment.stop()
+
+
+def lease_age(state_db, task_id: str) -> float | None:
+    """Seconds since the worker holding the task last renewed its lease, read off the state
+    store (SQLite lets a reader in beside its writer)."""
+    with sqlite3.connect(state_db) as db:
+        row = db.execute("SELECT heartbeat_at FROM dispatches WHERE task_id = ?",
+                         (task_id,)).fetchone()
+    if row is None or row[0] is None:
+        return None
+    renewed = datetime.fromisoformat(row[0]).replace(tzinfo=UTC)
+    return (datetime.now(UTC) - renewed).total_seconds()
+
+
+async def test_rabbitmq_away_longer_than_the_heartbeat_timeout_reruns_no_running_task(
+    rabbit_url, tmp_path,
+):
+    """Workers keep renewing their leases in the state store while RabbitMQ is away (the
+    store is still there), and one that ends a task meanwhile waits to report it without
+    holding SQLite's write lock, which every lease renewal needs: the tasks that run through
+    an outage longer than the heartbeat timeout run once, on their worker."""
+    deployment = Deployment(rabbit_url, tmp_path)
+    deployment.overrides = {"CONVEYOR_HEARTBEAT_TIMEOUT": "3",
+                            "CONVEYOR_HEARTBEAT_INTERVAL": "0.5"}
+    deployment.start("control-plane", "orchestrator", "stepper", "flaky")
+    steps, runs = tmp_path / "steps.log", tmp_path / "runs.log"
+    try:
+        await deployment.ready("stepper", "flaky")
+        async with deployment.client() as client:
+            long = await client.run_nowait("stepper", log=str(steps), seconds=12)
+            await eventually(lambda: noted(steps, "two"), timeout=60)
+            ends_meanwhile = await client.run_nowait("flaky", log=str(runs), hang=3)
+            await eventually(lambda: noted(runs, "run"), timeout=60)
+            ages = []
+            rabbitmqctl("stop_app")
+            print("injected: RabbitMQ stopped for 8 s while one task runs and another ends")
+            try:
+                until = time.monotonic() + 8
+                while time.monotonic() < until:
+                    ages.append(lease_age(tmp_path / "state.db", long))
+                    await asyncio.sleep(0.25)
+            finally:
+                rabbitmqctl("start_app")
+            outcomes = [await client.wait(t, timeout=120) for t in (long, ends_meanwhile)]
+            recorded = await records_once_completed(client, None, [long, ends_meanwhile])
+        print(f"found: the running task's lease at most {max(ages):.1f} s old during the "
+              f"outage; attempts {[recorded[t]['attempts'] for t in (long, ends_meanwhile)]}; "
+              f"steps run {steps.read_text().split()}")
+        assert max(ages) < 3  # renewed all along: the orchestrator never found it expired
+        assert [o.status for o in outcomes] == ["completed", "completed"]
+        assert steps.read_text().split() == ["one", "two", "three"]
+        assert runs.read_text().split() == ["run"]
+        assert [recorded[t]["attempts"] for t in (long, ends_meanwhile)] == [1, 1]
     finally:
         deployment.stop()

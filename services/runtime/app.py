@@ -60,6 +60,7 @@ from ..bus import (
     publish_to_any_replica,
     reports_topic,
     subscribe,
+    through_outages,
 )
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
@@ -135,13 +136,17 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         delivers its message again (RabbitMQ), or, its Kafka offset being committed, the
         dispatch is published again, to every partition: by its key it would wait on this
         replica's own partition until the group moved it (publish_to_any_replica)."""
-        async with engine.begin() as conn:
-            await release(conn, dispatch.task.task_id, dispatch.attempt, instance_id)
-            if detached:  # released only once the broker has it: else the lease runs out
-                await publish_to_any_replica(
-                    broker, settings, DispatchTaskMessage(
-                        type=name, publisher_id=instance_id, data=dispatch),
-                    own_topic, key=dispatch.task.task_id)
+
+        async def once() -> None:
+            async with engine.begin() as conn:
+                await release(conn, dispatch.task.task_id, dispatch.attempt, instance_id)
+                if detached:  # released only once the broker has it: else the lease runs out
+                    await publish_to_any_replica(
+                        broker, settings, DispatchTaskMessage(
+                            type=name, publisher_id=instance_id, data=dispatch),
+                        own_topic, key=dispatch.task.task_id)
+
+        await through_outages(settings, f"task {dispatch.task.task_id} handed back", once)
         if not detached:
             raise Redeliver(dispatch.task.task_id)
 
@@ -249,24 +254,30 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         one (or the session's next task) left.
         """
         message = CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome)
-        async with engine.begin() as conn:
-            current = await reported(conn, outcome.task_id, outcome.attempt, instance_id,
-                                     ended=True)
-            if current and session_state is not None and outcome.session_id:
-                await sessions.save_context_state(conn, outcome.session_id, session_state)
-            outcome.replied = bool(current and outcome.reply_to and not streamed)
-            copy_to = (outcome.reply_to,) if outcome.replied else ()
-            if current and await waiting_behind(conn, outcome.session_id, name if limited
-                                                else None):
-                copy_to += (orchestrator,)
-            try:
-                await publish(broker, settings, message, reports,
-                              key=outcome.task_id, copy_to=copy_to)
-            except MessageTooLarge as exc:
-                outcome.status, outcome.result, outcome.error = "failed", None, TaskError(
-                    type="MessageTooLarge", message=f"the task's outcome could not be sent: {exc}")
-                await publish(broker, settings, message, reports,
-                              key=outcome.task_id, copy_to=copy_to)
+
+        async def once() -> None:
+            async with engine.begin() as conn:
+                current = await reported(conn, outcome.task_id, outcome.attempt, instance_id,
+                                         ended=True)
+                if current and session_state is not None and outcome.session_id:
+                    await sessions.save_context_state(conn, outcome.session_id, session_state)
+                outcome.replied = bool(current and outcome.reply_to and not streamed)
+                copy_to = (outcome.reply_to,) if outcome.replied else ()
+                if current and await waiting_behind(conn, outcome.session_id, name if limited
+                                                    else None):
+                    copy_to += (orchestrator,)
+                try:
+                    await publish(broker, settings, message, reports,
+                                  key=outcome.task_id, copy_to=copy_to)
+                except MessageTooLarge as exc:
+                    outcome.status, outcome.result, outcome.error = "failed", None, TaskError(
+                        type="MessageTooLarge",
+                        message=f"the task's outcome could not be sent: {exc}")
+                    await publish(broker, settings, message, reports,
+                                  key=outcome.task_id, copy_to=copy_to)
+
+        # While the broker is away the transaction is not held open: see write_lock.
+        await through_outages(settings, f"the outcome of task {outcome.task_id}", once)
 
     async def claim(dispatch: DispatchTask) -> StartingPoint:
         """Claim the attempt. The orchestrator commits a first dispatch before publishing it,
@@ -293,16 +304,20 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         task = dispatch.task
         change = TaskStatusUpdate(task_id=task.task_id, service=name, status="retrying",
                                   attempt=dispatch.attempt, error=error, retry_in=delay)
-        async with engine.begin() as conn:
-            if not await reported(conn, task.task_id, dispatch.attempt, instance_id):
-                log.info("task %s: attempt %d failed, and was replaced or cancelled "
-                         "meanwhile: no retry from here", task.task_id, dispatch.attempt)
-                return
-            log.info("task %s: attempt %d failed, retrying in %.2f s", task.task_id,
-                     dispatch.attempt, delay)
-            await publish(broker, settings, TaskStatusMessage(
-                type=CONTROL_PLANE, publisher_id=instance_id, data=change), reports,
-                key=task.task_id, copy_to=(orchestrator,))
+
+        async def once() -> None:
+            async with engine.begin() as conn:
+                if not await reported(conn, task.task_id, dispatch.attempt, instance_id):
+                    log.info("task %s: attempt %d failed, and was replaced or cancelled "
+                             "meanwhile: no retry from here", task.task_id, dispatch.attempt)
+                    return
+                log.info("task %s: attempt %d failed, retrying in %.2f s", task.task_id,
+                         dispatch.attempt, delay)
+                await publish(broker, settings, TaskStatusMessage(
+                    type=CONTROL_PLANE, publisher_id=instance_id, data=change), reports,
+                    key=task.task_id, copy_to=(orchestrator,))
+
+        await through_outages(settings, f"the retry of task {task.task_id}", once)
 
     def deliver(task_run: TaskRun, seq: int, event, step: str | None) -> None:
         try:

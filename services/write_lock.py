@@ -1,0 +1,38 @@
+"""Whether the running code holds the SQLite state store's write lock.
+
+SQLite has one writer at a time for every part on the machine. A transaction that waited out
+a broker outage while holding the lock would lock out every other part's writes for as long,
+the workers' lease renewals among them, and a lease that runs out has the orchestrator run
+its task again elsewhere. So a publish made while the lock is held tries once (bus.publish):
+the transaction around it rolls back, and is tried again without the lock (a handler's
+message comes again; the worker's reports go through bus.through_outages).
+"""
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+
+class _Hold:
+    held = True
+
+
+# A task started inside a transaction copies this; the hold it sees ends with the transaction.
+_current: ContextVar[_Hold | None] = ContextVar("conveyor_write_lock", default=None)
+
+
+def held() -> bool:
+    hold = _current.get()
+    return hold is not None and hold.held
+
+
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    hold = _Hold()
+    token = _current.set(hold)
+    try:
+        yield
+    finally:
+        hold.held = False
+        with contextlib.suppress(ValueError):  # ended in another context than it began
+            _current.reset(token)
