@@ -9,30 +9,29 @@ message comes again; the worker's reports go through bus.through_outages).
 """
 
 import contextlib
-from collections.abc import Iterator
 from contextvars import ContextVar
 
 
-class _Hold:
-    held = True
+class holding:
+    """The block holds the write lock: `held()` is true in it (and in tasks started from it,
+    until it ends)."""
+
+    __slots__ = ("held", "_token")
+
+    def __enter__(self) -> None:
+        self.held = True
+        self._token = _current.set(self)
+
+    def __exit__(self, *_: object) -> None:
+        self.held = False
+        with contextlib.suppress(ValueError):  # ended in another context than it began
+            _current.reset(self._token)
 
 
 # A task started inside a transaction copies this; the hold it sees ends with the transaction.
-_current: ContextVar[_Hold | None] = ContextVar("conveyor_write_lock", default=None)
+_current: ContextVar[holding | None] = ContextVar("conveyor_write_lock", default=None)
 
 
 def held() -> bool:
     hold = _current.get()
     return hold is not None and hold.held
-
-
-@contextlib.contextmanager
-def holding() -> Iterator[None]:
-    hold = _Hold()
-    token = _current.set(hold)
-    try:
-        yield
-    finally:
-        hold.held = False
-        with contextlib.suppress(ValueError):  # ended in another context than it began
-            _current.reset(token)
