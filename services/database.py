@@ -224,6 +224,13 @@ secrets = Table(
     Column("value", Text, nullable=False),
 )
 
+# The namespace whose state this is: one row, written by the first part to open the store.
+owner = Table(
+    "owner",
+    metadata,
+    Column("namespace", String(200), primary_key=True),
+)
+
 counters = Table(
     "counters",
     metadata,
@@ -390,8 +397,9 @@ def sync_url(state_url: str) -> str:
 CREATE_LOCK = 0x636F6E63  # "conc": the advisory lock of creating the tables
 
 
-async def connect(state_url: str) -> "AsyncEngine":
-    """Open the state store and create its tables; fails with one line if it can't."""
+async def connect(state_url: str, namespace: str | None = None) -> "AsyncEngine":
+    """Open the state store and create its tables; fails with one line if it can't, or if
+    it holds another namespace's state."""
     url = async_url(state_url)
     if url.startswith("sqlite"):
         engine: Any = SQLiteStore(sync_url(state_url))
@@ -406,7 +414,12 @@ async def connect(state_url: str) -> "AsyncEngine":
                     # Parts starting together take turns: one creates, the others find.
                     await conn.execute(select(func.pg_advisory_xact_lock(CREATE_LOCK)))
                 await conn.run_sync(metadata.create_all)
+                if namespace is not None:
+                    await _check_owner(conn, state_url, namespace)
             return engine
+        except ConfigurationError:
+            await engine.dispose()
+            raise
         except Exception as exc:
             # Parts starting together race to create the tables (on SQLite, one may find the
             # file locked by another's for longer than its busy timeout): try again.
@@ -418,3 +431,17 @@ async def connect(state_url: str) -> "AsyncEngine":
                 f"state store {state_url!r} cannot be reached: {type(exc).__name__}: {exc}"
             ) from None
     return engine
+
+
+async def _check_owner(conn: "AsyncConnection", state_url: str, namespace: str) -> None:
+    """The store is the namespace's (claimed now if it is nobody's yet). Two namespaces in
+    one store would take each other's tasks: one orchestrator's sweep would dispatch the
+    other's to topics nobody reads, and each would count the other's services as its own."""
+    found = (await conn.execute(select(owner.c.namespace))).scalar_one_or_none()
+    if found is None:
+        await conn.execute(owner.insert().values(namespace=namespace))
+    elif found != namespace:
+        raise ConfigurationError(
+            f"state store {state_url!r} holds the state of namespace {found!r}, not "
+            f"{namespace!r}: give each namespace a CONVEYOR_STATE_URL of its own"
+        )

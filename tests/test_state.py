@@ -31,6 +31,7 @@ from conveyor.services import database
 from conveyor.services.control_plane import metrics, state
 from conveyor.services.orchestrator import state as orchestrator_state
 from conveyor.services.runtime.starting_point import starting_point
+from conveyor.services.settings import ConfigurationError
 
 # Where the throwaway databases are created; an existing database to connect to first.
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -760,3 +761,25 @@ async def test_throughput_counts_finished_tasks_per_minute_over_the_window(engin
     starts = [datetime.fromisoformat(m["minute"]) for m in found]
     first = moment.replace(second=0) - timedelta(minutes=2)
     assert starts == [first + timedelta(minutes=n) for n in range(3)]
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def test_a_state_store_holds_one_namespace_and_refuses_another(request, tmp_path, backend):
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    first = await database.connect(url, "blue")
+    try:
+        with pytest.raises(ConfigurationError) as refused:
+            await database.connect(url, "green")
+        again = await database.connect(url, "blue")  # its own parts, and its restarts
+        await again.dispose()
+    finally:
+        async with first.begin() as conn:  # the PostgreSQL database is the session's
+            await conn.execute(database.owner.delete())
+        await first.dispose()
+    print(f"found: {refused.value}")
+    assert "holds the state of namespace 'blue', not 'green'" in str(refused.value)
+    assert "CONVEYOR_STATE_URL of its own" in str(refused.value)

@@ -237,7 +237,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def start() -> None:
         nonlocal engine
-        engine = await database.connect(settings.state_url)
+        engine = await database.connect(settings.state_url, settings.namespace)
 
     async def stop() -> None:
         if engine is not None:

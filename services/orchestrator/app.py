@@ -318,7 +318,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def start() -> None:
         nonlocal engine
-        engine = await database.connect(settings.state_url)
+        engine = await database.connect(settings.state_url, settings.namespace)
         async with engine.connect() as conn:
             known.update(await state.known_services(conn))
 

@@ -502,7 +502,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
 
     async def connect() -> None:
         nonlocal engine, key
-        engine = await database.connect(settings.state_url)
+        engine = await database.connect(settings.state_url, settings.namespace)
         async with engine.begin() as conn:
             configured = settings.signing_key
             key = await checkpoints.signing_key(
