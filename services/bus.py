@@ -29,7 +29,7 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     RetryError,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_delay,
     wait_exponential_jitter,
 )
@@ -373,13 +373,15 @@ async def through_outages(settings: Settings, what: str, attempt: Callable[[], A
     try:
         # The first try goes without building a retrier: a publish seldom meets an outage.
         return await attempt()
+    except PublishFailed:
+        raise  # a publish inside that has waited out its own timeout already
     except UNREACHABLE as exc:
         _quiet.warning("publish failed (%s: %s); retrying", type(exc).__name__, exc)
     try:
         async for retry in AsyncRetrying(
             stop=stop_after_delay(settings.publish_timeout),
             wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.2),
-            retry=retry_if_exception_type(UNREACHABLE),
+            retry=retry_if_exception(_unreachable),
             before_sleep=_retrying,
         ):
             with retry:
@@ -423,6 +425,12 @@ UNREACHABLE = (ConnectionError, ChannelInvalidStateError, KafkaConnectionError,
 
 class PublishFailed(ConnectionError):
     """The broker stayed unreachable for CONVEYOR_PUBLISH_TIMEOUT: the message was not sent."""
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Worth another try: the broker's client lost its connection (not a publish that has
+    waited out its timeout already)."""
+    return isinstance(exc, UNREACHABLE) and not isinstance(exc, PublishFailed)
 
 
 def _retrying(state: RetryCallState) -> None:

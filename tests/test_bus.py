@@ -1,5 +1,7 @@
 """How services/bus.py sets up FastStream's Kafka consumers from the settings (no broker:
-a subscription is configured before its consumer connects)."""
+a subscription is configured before its consumer connects), and what it tries again."""
+
+import pytest
 
 from conveyor.services import bus
 from conveyor.services.settings import Settings, load
@@ -28,3 +30,24 @@ def test_kafka_consumers_never_commit_on_a_timer_and_read_from_the_earliest_offs
     found = consumer_settings(None, "ns.topic.part")
     assert found["enable_auto_commit"] is False
     assert found["auto_offset_reset"] == "earliest"
+
+
+async def test_through_outages_tries_again_while_unreachable_but_not_after_a_publish_gave_up():
+    """No broker needed: what is retried is decided by the exceptions alone."""
+    settings = load(broker_url="amqp://guest:guest@127.0.0.1:5672/", publish_timeout=5)
+    tries = []
+
+    async def flaky() -> str:
+        tries.append("flaky")
+        if len(tries) < 3:
+            raise ConnectionResetError("connection dropped (injected)")
+        return "sent"
+
+    async def gave_up() -> str:
+        tries.append("gave_up")
+        raise bus.PublishFailed("the broker was unreachable for 30 s (injected)")
+
+    assert await bus.through_outages(settings, "a test message", flaky) == "sent"
+    with pytest.raises(bus.PublishFailed):
+        await bus.through_outages(settings, "a test message", gave_up)
+    assert tries == ["flaky", "flaky", "flaky", "gave_up"]  # a publish's timeout not doubled
