@@ -1,4 +1,5 @@
-"""The real RabbitMQ stopped and started, and its connections dropped, under load.
+"""The real RabbitMQ stopped and started, and its connections dropped, under load; and
+stopped for longer than the heartbeat timeout while tasks run.
 
 RabbitMQ is restarted with `rabbitmqctl stop_app` / `start_app` (the node stays up, every
 connection drops and the queues recover from disk), so these tests need rabbitmqctl and

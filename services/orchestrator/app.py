@@ -182,7 +182,11 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def dispatch_due_in(seconds: float) -> None:
         await asyncio.sleep(seconds)
-        await dispatch_due()
+        try:
+            await dispatch_due()
+        except Exception as exc:  # the broker away, say: the sweep tries again
+            log.warning("retries due now not dispatched yet (%s: %s); the sweep tries again",
+                        type(exc).__name__, exc)
 
     async def dispatch_due() -> None:
         async with engine.begin() as conn:
