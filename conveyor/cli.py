@@ -33,8 +33,6 @@ def fail(reason: object) -> None:
     raise typer.Exit(1)
 
 
-
-
 def _serve(make_app: Callable[[], Any]) -> None:
     """Build a FastStream app and run it until SIGINT/SIGTERM; one line and exit 1 on failure."""
     try:
