@@ -373,9 +373,9 @@ async def through_outages(settings: Settings, what: str, attempt: Callable[[], A
     try:
         # The first try goes without building a retrier: a publish seldom meets an outage.
         return await attempt()
-    except PublishFailed:
-        raise  # a publish inside that has waited out its own timeout already
-    except UNREACHABLE as exc:
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
         _quiet.warning("publish failed (%s: %s); retrying", type(exc).__name__, exc)
     try:
         async for retry in AsyncRetrying(
