@@ -27,9 +27,8 @@ _exporting: TracerProvider | None = None  # this process's, once set up
 
 
 def tracing_middleware(settings: Settings, part: str):
-    """FastStream's telemetry middleware, exporting when OTEL_EXPORTER_OTLP_ENDPOINT is set,
-    else only giving spans ids (so that published messages carry a traceparent)."""
-    provider = exporting(part) or TracerProvider()
+    """FastStream's telemetry middleware, exporting to OTEL_EXPORTER_OTLP_ENDPOINT."""
+    provider = exporting(part)
     kind = RabbitTelemetryMiddleware if settings.broker_kind == "rabbit" else (
         KafkaTelemetryMiddleware)
     return kind(tracer_provider=provider)

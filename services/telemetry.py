@@ -4,14 +4,17 @@ With OTEL_EXPORTER_OTLP_ENDPOINT set (the standard OpenTelemetry variable), a pr
 exports its spans over OTLP/HTTP. FastStream's telemetry middleware opens a span for every
 message published and processed and carries the trace context in the message headers;
 LlamaIndex's OpenTelemetry span handler opens one for every workflow run and step, inside
-the span of the dispatch that started it. The Client always traces its publishes, exported
-or not, so that every NEW_TASK it sends carries a traceparent.
+the span of the dispatch that started it. A Client that does not export still stamps every
+message it sends with a traceparent (see StampTraceparent), so that the parts that do export
+put all of a task's spans in one trace.
 """
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from faststream import BaseMiddleware
 from opentelemetry import context, propagate, trace
 
 from conveyor.contracts import QueueMessage
@@ -21,15 +24,46 @@ from .settings import Settings
 
 
 def middlewares(settings: Settings, part: str, *, always: bool = False) -> tuple:
-    """The broker middleware that traces messages; `always` traces without exporting.
+    """The broker middleware that traces messages when spans are exported; with `always`,
+    one that stamps the messages published with a traceparent when they are not.
 
     The OpenTelemetry SDK is imported only by a process that traces (see exporting.py).
     """
-    if not (always or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
-        return ()
-    from .exporting import tracing_middleware
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from .exporting import tracing_middleware
 
-    return (tracing_middleware(settings, part),)
+        return (tracing_middleware(settings, part),)
+    if not always:
+        return ()
+    _id_generator()  # imported now, not on the first publish
+    return (StampTraceparent,)
+
+
+class StampTraceparent(BaseMiddleware):
+    """Gives each message published a traceparent, recording no span: the caller's trace
+    when it is in one, else a new trace (sampled, so that the parts that export record it).
+
+    For a Client that exports nothing: FastStream's telemetry middleware would open, time and
+    close a span (and record metrics) for every message sent and received only for its ids,
+    a fifth of a Client's CPU per task.
+    """
+
+    async def publish_scope(self, call_next, cmd):
+        current = trace.get_current_span().get_span_context()
+        if not current.is_valid:
+            ids = _id_generator()
+            current = trace.SpanContext(
+                trace_id=ids.generate_trace_id(), span_id=ids.generate_span_id(),
+                is_remote=False, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+        propagate.inject(cmd.headers, trace.set_span_in_context(trace.NonRecordingSpan(current)))
+        return await call_next(cmd)
+
+
+@functools.cache
+def _id_generator():
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    return RandomIdGenerator()
 
 
 def tag(message: QueueMessage) -> None:

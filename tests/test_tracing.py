@@ -164,3 +164,33 @@ async def test_a_task_recovered_after_kill9_of_its_worker_stays_in_its_trace(fre
 
 async def status_is(client, task_id: str, status: str) -> bool:
     return ((await client.get_task(task_id)) or {}).get("status") == status
+
+
+async def test_a_task_from_a_client_that_exports_nothing_is_still_one_trace(fresh_deployment):
+    deployment = fresh_deployment  # the parts export; this test's own Client does not
+    with Receiver() as receiver:
+        deployment.overrides = traced(receiver)
+        deployment.start("control-plane", "orchestrator", "echo")
+        await deployment.ready("echo")
+        async with deployment.client() as client:
+            task_id = await client.run_nowait("echo", message="hi")
+            assert (await client.wait(task_id, timeout=30)).status == "completed"
+        spans = receiver.spans
+
+        async def recorded() -> list[Span]:  # the NEW_TASK and the outcome, by the control plane
+            found = processing(spans, "control-plane", task_id)
+            return found if len(found) == 2 else []
+
+        await eventually(recorded, timeout=30)
+    about = [s for s in spans if s.attributes.get("conveyor.task_id") == task_id]
+    print(f"found: {sorted((s.service, s.name) for s in about)}")
+    assert len({s.trace_id for s in about}) == 1
+    # The orchestrator and the control plane took the NEW_TASK in the context it came with,
+    # a span of the client's that is not exported: both are its children.
+    dispatched = processing(spans, "orchestrator", task_id)[0]
+    assert dispatched.parent_id
+    assert [s for s in processing(spans, "control-plane", task_id)
+            if s.parent_id == dispatched.parent_id], "the NEW_TASK recorded in the same context"
+    assert not [s for s in spans if s.service == "client"]
+    ran = processing(spans, "echo", task_id)[0]
+    assert dispatched in ancestors(ran, spans)
