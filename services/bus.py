@@ -50,7 +50,7 @@ from .settings import Settings
 
 Broker = RabbitBroker | KafkaBroker
 T = TypeVar("T")
-Handler = Callable[[bytes, StreamMessage], Awaitable[Any]]
+Handler = Callable[[bytes], Awaitable[Any]]
 
 _quiet = logging.getLogger("conveyor.broker")
 _quiet.setLevel(logging.WARNING)
@@ -89,6 +89,10 @@ def create_broker(settings: Settings, part: str, *, always_trace: bool = False,
         "middlewares": (*telemetry.middlewares(settings, part, always=always_trace),
                         *middlewares),
         "graceful_timeout": 15.0,
+        # Every handler takes the raw body alone and validates it itself (see subscribe):
+        # FastDepends' injection and validation of that one argument cost a tenth of
+        # FastStream's CPU per message consumed.
+        "apply_types": False,
     }
     if settings.broker_kind == "rabbit":
         return RabbitBroker(url, reconnect_interval=1.0, **common)
