@@ -27,7 +27,8 @@ def middlewares(settings: Settings, part: str, *, always: bool = False) -> tuple
     """The broker middleware that traces messages when spans are exported; with `always`,
     one that stamps the messages published with a traceparent when they are not.
 
-    The OpenTelemetry SDK is imported only by a process that traces (see exporting.py).
+    The OpenTelemetry SDK is imported only by a process that exports (see exporting.py),
+    and its id generator alone by one that stamps.
     """
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from .exporting import tracing_middleware
