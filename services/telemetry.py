@@ -28,7 +28,7 @@ def middlewares(settings: Settings, part: str, *, always: bool = False) -> tuple
     one that stamps the messages published with a traceparent when they are not.
 
     The OpenTelemetry SDK is imported only by a process that exports (see exporting.py),
-    and its id generator alone by one that stamps.
+    and by one that stamps, for its id generator.
     """
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from .exporting import tracing_middleware
