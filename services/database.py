@@ -390,6 +390,20 @@ class SQLiteStore:
             self.sync_engine.dispose()
 
 
+@contextlib.asynccontextmanager
+async def autocommit(engine: Any) -> AsyncIterator[Any]:
+    """A connection whose statements each commit by themselves, for writes that need no
+    transaction around them: on PostgreSQL a statement is then one round trip, not three
+    (BEGIN, it, COMMIT). SQLite's writers take the write lock first, so there it is a
+    transaction like any other (`SQLiteStore.begin`)."""
+    if isinstance(engine, SQLiteStore):
+        async with engine.begin() as conn:
+            yield conn
+        return
+    async with engine.connect() as conn:
+        yield await conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def sync_url(state_url: str) -> str:
     return "sqlite:///" + async_url(state_url).removeprefix("sqlite+aiosqlite:///")
 

@@ -95,10 +95,12 @@ def create_app(settings: Settings | None = None) -> FastStream:
         if isinstance(message, QueryMessage) and message.data.kind in TASK_QUERIES:
             await answer_query(message)
             return
+        if isinstance(message, NewTaskMessage):
+            async with database.autocommit(engine) as conn:  # statements that stand alone
+                await state.record_new_task(conn, message.data, message.publisher_id)
+            return
         async with engine.begin() as conn:
             match message:
-                case NewTaskMessage(data=task):
-                    await state.record_new_task(conn, task, message.publisher_id)
                 case TaskStreamMessage(data=event):
                     if not await state.append_event(conn, event):
                         log.warning("event %d of %s from replaced attempt %d dropped",

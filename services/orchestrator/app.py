@@ -97,12 +97,15 @@ def create_app(settings: Settings | None = None) -> FastStream:
         at_once = task.session_id is None and not limit
         if at_once:
             await publish_first_attempt(task)
+            async with database.autocommit(engine) as conn:  # one statement
+                await state.record_published(conn, task.task_id, task.service,
+                                             task.parent_task_id, task.model_dump(mode="json"),
+                                             telemetry.carrier())
+            return
         async with engine.begin() as conn:
             claim = await state.claim_first_dispatch(
                 conn, task.task_id, task.service, task.parent_task_id,
                 task.model_dump(mode="json"), telemetry.carrier(), task.session_id, limit)
-        if at_once:
-            return
         if not claim.new and not claim.untaken:
             log.info("task %s was dispatched before; duplicate ignored", task.task_id)
             return
