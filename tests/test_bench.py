@@ -1,10 +1,13 @@
 """`tools/bench --quick` in the suite: every figure is produced on both brokers and no task
 is lost. No timing is asserted: the figures are for reading, not for passing."""
 
+import asyncio
 import json
+import os
 import subprocess
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,3 +52,41 @@ def test_bench_quick_produces_every_figure_for_both_brokers_and_loses_no_task(ra
     assert all(report["tasks"][broker]["submitted"] > 0 for broker in BROKERS)
     assert report["lost"] == 0
     assert "RabbitMQ" in run.stdout and "Kafka" in run.stdout  # the table, side by side
+
+
+@pytest.mark.rabbit
+@pytest.mark.postgres
+@pytest.mark.timeout(600)
+def test_bench_quick_with_postgres_state_counts_the_server_and_drops_its_databases(tmp_path):
+    # The topology compose.yaml runs: each deployment's state in a database of its own on a
+    # PostgreSQL server, whose CPU is counted beside the broker's.
+    server = os.environ.get("CONVEYOR_TEST_POSTGRES",
+                            "postgresql://postgres@127.0.0.1:5432/test").rpartition("/")[0]
+    path = tmp_path / "bench.json"
+    run = subprocess.run([str(ROOT / "tools" / "bench"), "--quick", "--broker", "rabbit",
+                          "--state-url", server, "--json", str(path)],
+                         capture_output=True, text=True, timeout=560)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    report = json.loads(path.read_text())
+    assert report["state"] == "postgresql"
+    figures = report["figures"]
+    postgres = ["in_flight_cpu_postgres", "queued_cpu_postgres"]
+    missing = [name for name in [*FIGURES, *postgres]
+               if not isinstance(figures.get(name, {}).get("rabbit", {}).get("median"),
+                                 int | float)]
+    assert missing == []
+    assert all(figures[name]["rabbit"]["median"] > 0 for name in postgres)
+    assert report["lost"] == 0 and report["tasks"]["rabbit"]["submitted"] > 0
+    assert _bench_databases(server) == []  # dropped at the end of the run
+
+
+def _bench_databases(server: str) -> list[str]:
+    async def names() -> list[str]:
+        conn = await asyncpg.connect(f"{server}/postgres", timeout=5)
+        try:
+            return [r["datname"] for r in await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'bench%'")]
+        finally:
+            await conn.close()
+
+    return asyncio.run(names())

@@ -13,6 +13,7 @@ from pathlib import Path
 import uvloop
 from rich.console import Console
 
+from . import state
 from .floor import HOPS, HOPS_WHY
 from .parts import BrokerServer
 from .report import BROKERS, Results
@@ -32,6 +33,10 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--broker", choices=list(BROKERS), action="append",
                         help="only this broker (repeatable); default both")
     parser.add_argument("--rabbit-url", default=RABBIT_URL)
+    parser.add_argument("--state-url", metavar="postgresql://USER@HOST:PORT",
+                        help="keep each deployment's state in a database of its own on this "
+                             "PostgreSQL server (created, and dropped at the end), and count "
+                             "the server's CPU; default a SQLite file per deployment")
     return parser.parse_args()
 
 
@@ -59,13 +64,18 @@ def main() -> int:
     brokers = args.broker or list(BROKERS)
     say = Console(stderr=True, log_path=False)
     results = Results(mode="quick" if args.quick else "full", repetitions=0, sizes={})
-    results.meta = {"hops_on_critical_path": HOPS, "hops_why": HOPS_WHY,
+    if args.state_url:
+        state.use_postgres(args.state_url)
+    results.meta = {"state": state.kind(), "hops_on_critical_path": HOPS, "hops_why": HOPS_WHY,
                     "recovery_heartbeat_interval": float(HEARTBEAT["CONVEYOR_HEARTBEAT_INTERVAL"]),
                     "recovery_heartbeat_timeout": float(HEARTBEAT["CONVEYOR_HEARTBEAT_TIMEOUT"]),
                     "scaling_max_concurrent_tasks": MAX_CONCURRENT_TASKS,
                     "scaling_kafka_partitions": KAFKA_PARTITIONS}
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
-    uvloop.run(run_all(brokers, args, results, workdir, say))
+    try:
+        uvloop.run(run_all(brokers, args, results, workdir, say))
+    finally:
+        state.drop_created()
     table = Console()
     if not table.is_terminal:
         table = Console(width=130)  # a file or a pipe: keep one figure a line

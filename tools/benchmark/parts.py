@@ -17,6 +17,8 @@ from conveyor import Client, TaskFailed, embedded_broker
 from conveyor.services.bus import SYSTEM_SUBSCRIPTIONS, group_name
 from conveyor.services.settings import load
 
+from . import state
+
 TOOLS = Path(__file__).resolve().parent.parent
 ECHO = "conveyor.services.examples.echo:workflow"
 SLOW = "conveyor.services.examples.slow:workflow"
@@ -30,13 +32,17 @@ def fresh_namespace() -> str:
 @dataclass
 class Deployment:
     """Control plane, orchestrator and workflow services on one broker, in a namespace and a
-    SQLite state store of their own."""
+    state store of their own (a SQLite file, or a PostgreSQL database: benchmark/state.py)."""
 
     broker_url: str
     workdir: Path
     overrides: dict[str, str] = field(default_factory=dict)  # more environment for each part
     namespace: str = field(default_factory=fresh_namespace)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    state_url: str = ""  # a fresh store of its own (benchmark/state.py) unless given
+
+    def __post_init__(self) -> None:
+        self.state_url = self.state_url or state.fresh_state_url(self.workdir, self.namespace)
 
     @property
     def env(self) -> dict[str, str]:
@@ -44,7 +50,7 @@ class Deployment:
             **os.environ,
             "CONVEYOR_BROKER_URL": self.broker_url,
             "CONVEYOR_NAMESPACE": self.namespace,
-            "CONVEYOR_STATE_URL": f"sqlite:///{self.workdir / 'state.db'}",
+            "CONVEYOR_STATE_URL": self.state_url,
             "PYTHONPATH": os.pathsep.join([str(TOOLS), os.environ.get("PYTHONPATH", "")]),
             **self.overrides,
         }

@@ -3,7 +3,7 @@ Rich table with the brokers side by side and written as JSON.
 
 The JSON file is one object:
 
-    {"mode": "quick" | "full", "repetitions": 2,
+    {"mode": "quick" | "full", "repetitions": 2, "state": "sqlite" | "postgresql",
      "hops_on_critical_path": 3, "hops_why": "...", "recovery_heartbeat_interval": 0.5,
      "recovery_heartbeat_timeout": 3.0,
      "scaling_max_concurrent_tasks": 1, "scaling_kafka_partitions": 4,
@@ -30,7 +30,7 @@ from rich.table import Table
 BROKERS = {"rabbit": "RabbitMQ", "kafka": "Kafka (tansu)"}
 
 PARTS = ["control-plane", "orchestrator", "service", "broker"]
-CPU_PARTS = [*PARTS, "client"]
+CPU_PARTS = [*PARTS, "client", "postgres"]  # postgres: with --state-url only
 
 # (figure, what it is, unit), in the order of the README's points (a) to (g).
 FIGURES: list[tuple[str, str, str]] = [
@@ -85,7 +85,8 @@ class Results:
 
     def missing(self, brokers: list[str]) -> list[str]:
         return [f"{figure} on {broker}" for figure in UNITS for broker in brokers
-                if broker not in self.runs.get(figure, {})]
+                if broker not in self.runs.get(figure, {})
+                and (self.meta.get("state") == "postgresql" or "postgres" not in figure)]
 
     def as_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "repetitions": self.repetitions, **self.meta,
@@ -97,13 +98,15 @@ class Results:
 
     def print(self, brokers: list[str], console: Console) -> None:
         table = Table(title=f"Conveyor benchmark ({self.mode}: median (min to max) over "
-                            f"{self.repetitions} runs)")
+                            f"{self.repetitions} runs; state: {self.meta.get('state')})")
         table.add_column("figure")
         table.add_column("unit")
         for broker in brokers:
             table.add_column(BROKERS[broker], justify="right")
         summary = self.summary()
         for figure, label, unit in FIGURES:
+            if figure not in summary and "postgres" in figure:
+                continue  # measured with --state-url only
             cells = [_cell(summary.get(figure, {}).get(broker)) for broker in brokers]
             table.add_row(label, unit, *cells)
         table.add_row("tasks submitted / lost", "", *[

@@ -22,6 +22,7 @@ from .recovery import resume_after_kill9
 from .report import Results
 from .scaling import scaling
 from .startup import up_to_first_task
+from .state import server_process
 from .stats import Tally, percentile
 
 # The recovery deployment's heartbeats. Only there: under load, a timeout this short has
@@ -138,7 +139,7 @@ async def _deployment(broker: str, deployment: Deployment, server: BrokerServer,
             processes = {part: psutil.Process(deployment.processes[part].pid)
                          for part in ("control-plane", "orchestrator", "service")}
             processes["broker"] = server.process()
-            with_client = {**processes, "client": psutil.Process()}
+            with_client = {**processes, "client": psutil.Process(), **server_process()}
             for rep in reps:
                 await asyncio.sleep(1.0)  # idle: nothing in flight
                 for part, mb in rss_mb(processes).items():

@@ -8,6 +8,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from rich.console import Console
 
+from conveyor.services import database
 from conveyor.services.database import dispatches
 
 from .load import in_flight
@@ -60,19 +61,19 @@ async def scaling(broker: str, fresh: Callable[[], str], tasks: int, width: int,
         finally:
             await asyncio.to_thread(deployment.stop)
             await forget_namespace(deployment.broker_url, deployment.namespace, [SERVICE])
-        per_replica[str(replicas)] = _tasks_per_replica(deployment)
+        per_replica[str(replicas)] = await _tasks_per_replica(deployment)
     return per_replica
 
 
-def _tasks_per_replica(deployment: Deployment) -> list[int]:
+async def _tasks_per_replica(deployment: Deployment) -> list[int]:
     """From the leases the replicas took in the state store, once the parts have stopped."""
-    engine = sa.create_engine(f"sqlite:///{deployment.workdir / 'state.db'}")
+    engine = await database.connect(deployment.state_url, deployment.namespace)
     try:
-        with engine.connect() as conn:
-            rows = conn.execute(
+        async with engine.connect() as conn:
+            rows = await conn.execute(
                 sa.select(sa.func.count())
                 .where(dispatches.c.service == SERVICE, dispatches.c.instance_id.is_not(None))
                 .group_by(dispatches.c.instance_id))
             return sorted((count for (count,) in rows), reverse=True)
     finally:
-        engine.dispose()
+        await engine.dispose()

@@ -13,6 +13,7 @@ from conveyor import Client
 from conveyor.up import EXAMPLES
 
 from .parts import forget_namespace, fresh_namespace, stop_all
+from .state import fresh_state_url
 
 SERVICES = [spec.partition("=")[0] for spec in EXAMPLES]
 
@@ -33,7 +34,7 @@ async def up_to_first_task(broker_url: str, workdir: Path, timeout: float = 180)
 def _launch(broker_url: str, namespace: str, workdir: Path) -> subprocess.Popen:
     """`.venv/bin/conveyor up` as from a shell, in an empty directory and namespace."""
     env = {**os.environ, "CONVEYOR_BROKER_URL": broker_url, "CONVEYOR_NAMESPACE": namespace,
-           "CONVEYOR_STATE_URL": f"sqlite:///{workdir / 'state.db'}"}
+           "CONVEYOR_STATE_URL": fresh_state_url(workdir, namespace)}
     conveyor = Path(sys.executable).parent / "conveyor"
     with (workdir / "up.log").open("ab") as log:
         return subprocess.Popen([str(conveyor), "up"], env=env, cwd=workdir, stdout=log,
