@@ -408,6 +408,13 @@ def sync_url(state_url: str) -> str:
     return "sqlite:///" + async_url(state_url).removeprefix("sqlite+aiosqlite:///")
 
 
+# A part's PostgreSQL connections: at most POOL_MAX at once, as many as POOL_KEPT kept open
+# between uses. With SQLAlchemy's default of 5 kept, a part under load (8 front-door
+# messages at once, 16 tasks) closed and reopened connections all the time: 330 to 390
+# sessions for 3,000 tasks, a fork and a handshake each, PostgreSQL spending 1.9 to 2.3 ms
+# of CPU per task; with 10 kept, 26 to 30 sessions and 1.2 ms.
+POOL_KEPT, POOL_MAX = 10, 15
+
 CREATE_LOCK = 0x636F6E63  # "conc": the advisory lock of creating the tables
 
 
@@ -420,7 +427,8 @@ async def connect(state_url: str, namespace: str | None = None) -> "AsyncEngine"
     else:
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        engine = create_async_engine(url, pool_pre_ping=False)
+        engine = create_async_engine(url, pool_pre_ping=False, pool_size=POOL_KEPT,
+                                     max_overflow=POOL_MAX - POOL_KEPT)
     for attempt in range(5):
         try:
             async with engine.begin() as conn:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from conveyor.contracts import (
     CompletedTask,
@@ -91,6 +91,31 @@ async def engine(request, tmp_path):
             await conn.execute(table.delete())
     yield engine
     await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_part_keeps_its_postgres_connections_between_bursts(postgres_url):
+    # Bursts of as many transactions at once as a part under load runs (8 front-door
+    # messages, more tasks) reuse the connections the first burst opened: none is closed and
+    # opened again, which cost PostgreSQL a fork and a handshake each time.
+    engine = await database.connect(postgres_url)
+
+    async def burst() -> set[int]:
+        """The server processes (one per connection) that served the burst."""
+        async def one() -> int:
+            async with engine.begin() as conn:
+                await conn.execute(text("SELECT pg_sleep(0.05)"))
+                return (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+
+        return set(await asyncio.gather(*(one() for _ in range(database.POOL_KEPT))))
+
+    try:
+        first = await burst()
+        assert len(first) == database.POOL_KEPT
+        for _ in range(3):
+            assert await burst() <= first
+    finally:
+        await engine.dispose()
 
 
 def new_task(task_id: str = "t1", **fields) -> NewTask:
