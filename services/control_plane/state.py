@@ -211,12 +211,14 @@ async def pending_work(conn: AsyncConnection) -> dict[str, dict[str, int]]:
     return pending
 
 
+# Built once: asked after every event a task streams.
+_FOLLOWERS = select(watchers.c.reply_to).where(watchers.c.task_id == bindparam("followed"),
+                                               watchers.c.kind == "stream")
+
+
 async def stream_watchers(conn: AsyncConnection, task_id: str) -> list[str]:
     """The reply topics following a task's events live."""
-    found = await conn.execute(
-        select(watchers.c.reply_to).where(watchers.c.task_id == task_id,
-                                          watchers.c.kind == "stream")
-    )
+    found = await conn.execute(_FOLLOWERS, {"followed": task_id})
     return list(found.scalars())
 
 
