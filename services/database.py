@@ -246,6 +246,15 @@ def insert_ignoring_duplicates(dialect: str, table: Table):
     return _dialect(dialect).insert(table).on_conflict_do_nothing()
 
 
+@functools.cache
+def upsert(dialect: str, table: Table, keys: tuple[str, ...], updated: tuple[str, ...]):
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET each `updated` column to the new row's
+    value, in a dialect, built once; the row's values are the execution's parameters."""
+    statement = _dialect(dialect).insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=list(keys), set_={column: statement.excluded[column] for column in updated})
+
+
 def dialect_insert(conn: "AsyncConnection", table: Table):
     """An INSERT with ON CONFLICT clauses, in the connection's dialect (PostgreSQL or SQLite)."""
     return _dialect(conn.dialect.name).insert(table)

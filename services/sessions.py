@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from workflows.context.serializers import JsonSerializer
 from workflows.context.state_store import DictState, InMemoryStateStore
 
 from conveyor.contracts import new_id
 
-from .database import dialect_insert, now, sessions
+from .database import dialect_insert, now, sessions, upsert
 
 if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -55,14 +55,11 @@ def view(row: Any) -> dict[str, Any]:
     }
 
 
-def _upsert(conn: AsyncConnection, session_id: str, state: dict[str, Any] | None):
+async def _upsert(conn: AsyncConnection, session_id: str, state: dict[str, Any] | None) -> None:
     moment = now()
-    statement = dialect_insert(conn, sessions).values(
-        session_id=session_id, state=state, created_at=moment, updated_at=moment
-    )
-    return statement.on_conflict_do_update(
-        index_elements=["session_id"], set_={"state": state, "updated_at": moment}
-    )
+    statement = upsert(conn.dialect.name, sessions, ("session_id",), ("state", "updated_at"))
+    await conn.execute(statement, {"session_id": session_id, "state": state,
+                                   "created_at": moment, "updated_at": moment})
 
 
 async def create(conn: AsyncConnection, session_id: str | None = None) -> dict[str, Any]:
@@ -93,15 +90,18 @@ async def delete_one(conn: AsyncConnection, session_id: str) -> bool:
 
 
 async def set_state(conn: AsyncConnection, session_id: str, plain: dict[str, Any]) -> dict:
-    await conn.execute(_upsert(conn, session_id, stored_state(plain)))
+    await _upsert(conn, session_id, stored_state(plain))
     return await get(conn, session_id)
+
+
+_STATE = select(sessions.c.state).where(sessions.c.session_id == bindparam("of_session"))
 
 
 async def load_context_state(conn: AsyncConnection, session_id: str) -> dict[str, Any] | None:
     """The serialized state store a task of this session starts from, if any."""
-    found = await conn.execute(select(sessions.c.state).where(sessions.c.session_id == session_id))
+    found = await conn.execute(_STATE, {"of_session": session_id})
     return found.scalar_one_or_none()
 
 
 async def save_context_state(conn: AsyncConnection, session_id: str, state: dict) -> None:
-    await conn.execute(_upsert(conn, session_id, state))
+    await _upsert(conn, session_id, state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -73,23 +74,59 @@ async def _decide_alone(conn: AsyncConnection) -> None:
     """On PostgreSQL, wait for any other transaction deciding whether a task waits or runs
     (an advisory lock until commit); SQLite's writers take turns anyway (BEGIN IMMEDIATE)."""
     if conn.dialect.name == "postgresql":
-        await conn.execute(select(func.pg_advisory_xact_lock(HOLD_LOCK)))
+        await conn.execute(_HOLD_DECISION)
 
 
 HOLD_LOCK = 0x636F6E76  # "conv": one advisory lock for every hold decision
+
+# The statements of a session's (or a limited service's) every task are built once: building
+# one costs SQLAlchemy about four times what running it costs on SQLite.
+_HOLD_DECISION = select(func.pg_advisory_xact_lock(HOLD_LOCK))
+_OPEN_TASKS = (select(func.count()).select_from(dispatches)
+               .where(dispatches.c.service == bindparam("of_service"),
+                      dispatches.c.finished.is_(False), dispatches.c.held.is_(False),
+                      dispatches.c.paused.is_(False)))
+_FIRST_HELD = (select(dispatches.c.task_id)
+               .where(dispatches.c.session_id == bindparam("in_session"),
+                      dispatches.c.held.is_(True), dispatches.c.finished.is_(False))
+               .order_by(dispatches.c.dispatched_at).limit(1))
+_RELEASE = (update(dispatches).where(dispatches.c.task_id == bindparam("released"))
+            .values(held=False, dispatched_at=bindparam("released_at",
+                                                        type_=dispatches.c.dispatched_at.type)))
+
+
+@functools.cache
+def _unfinished_statement(by_session: bool, by_service: bool, held: bool | None):
+    where = [dispatches.c.finished.is_(False)]
+    if by_session:
+        where.append(dispatches.c.session_id == bindparam("in_session"))
+    if by_service:
+        where.append(dispatches.c.service == bindparam("of_service"))
+    if held is not None:
+        where.append(dispatches.c.held.is_(held))
+    return select(dispatches.c.task_id).where(*where).limit(1)
+
+
+@functools.cache
+def _held_statement(by_session: bool, by_service: bool, every: bool):
+    scopes = []
+    if by_session:
+        scopes.append(dispatches.c.session_id == bindparam("in_session"))
+    if by_service:
+        scopes.append(dispatches.c.service == bindparam("of_service"))
+    if every:
+        scopes.append(dispatches.c.held.is_(True))
+    return (select(dispatches.c.task_id, dispatches.c.service, dispatches.c.session_id,
+                   dispatches.c.attempt, dispatches.c.task, dispatches.c.trace)
+            .where(or_(*scopes), dispatches.c.held.is_(True), dispatches.c.finished.is_(False))
+            .order_by(dispatches.c.dispatched_at).limit(100))
 
 
 async def _unfinished(conn: AsyncConnection, *, session_id: str | None = None,
                       service: str | None = None, held: bool | None = None) -> bool:
     """Whether a task of the session (or service) has not ended; with `held`, one held or not."""
-    where = [dispatches.c.finished.is_(False)]
-    if session_id is not None:
-        where.append(dispatches.c.session_id == session_id)
-    if service is not None:
-        where.append(dispatches.c.service == service)
-    if held is not None:
-        where.append(dispatches.c.held.is_(held))
-    found = await conn.execute(select(dispatches.c.task_id).where(*where).limit(1))
+    statement = _unfinished_statement(session_id is not None, service is not None, held)
+    found = await conn.execute(statement, {"in_session": session_id, "of_service": service})
     return found.first() is not None
 
 
@@ -100,10 +137,7 @@ async def _session_busy(conn: AsyncConnection, session_id: str) -> bool:
 
 async def _open_tasks(conn: AsyncConnection, service: str) -> int:
     """Tasks of the service that hold a place: dispatched, not held, paused or finished."""
-    return (await conn.execute(
-        select(func.count()).select_from(dispatches)
-        .where(dispatches.c.service == service, dispatches.c.finished.is_(False),
-               dispatches.c.held.is_(False), dispatches.c.paused.is_(False)))).scalar_one()
+    return (await conn.execute(_OPEN_TASKS, {"of_service": service})).scalar_one()
 
 
 async def release_held(conn: AsyncConnection, limits: dict[str, int | None], *,
@@ -113,21 +147,12 @@ async def release_held(conn: AsyncConnection, limits: dict[str, int | None], *,
     trace, to dispatch. After a task of `session_id` / `service` ended or paused, looks at the
     held tasks of that session and that service; with `every`, at all held tasks (the sweep).
     A held task runs once its session has no other open task and its service has room."""
-    scopes = []
-    if session_id is not None:
-        scopes.append(dispatches.c.session_id == session_id)
-    if service is not None and limits.get(service):
-        scopes.append(dispatches.c.service == service)
-    if every:
-        scopes.append(dispatches.c.held.is_(True))
-    if not scopes:
+    by_service = service is not None and bool(limits.get(service))
+    if session_id is None and not by_service and not every:
         return []
     await _decide_alone(conn)
-    waiting = await conn.execute(
-        select(dispatches.c.task_id, dispatches.c.service, dispatches.c.session_id,
-               dispatches.c.attempt, dispatches.c.task, dispatches.c.trace)
-        .where(or_(*scopes), dispatches.c.held.is_(True), dispatches.c.finished.is_(False))
-        .order_by(dispatches.c.dispatched_at).limit(100))
+    waiting = await conn.execute(_held_statement(session_id is not None, by_service, every),
+                                 {"in_session": session_id, "of_service": service})
     released = []
     full: set[str] = set()  # services found with no room: none frees up meanwhile
     for row in waiting.all():  # first come, first served
@@ -137,8 +162,7 @@ async def release_held(conn: AsyncConnection, limits: dict[str, int | None], *,
         if limit and await _open_tasks(conn, row.service) >= limit:
             full.add(row.service)
         elif await _next_of_its_session(conn, row):
-            await conn.execute(update(dispatches).where(dispatches.c.task_id == row.task_id)
-                               .values(held=False, dispatched_at=now()))
+            await conn.execute(_RELEASE, {"released": row.task_id, "released_at": now()})
             released.append({"task": row.task, "attempt": row.attempt, "trace": row.trace})
     return released
 
@@ -181,11 +205,7 @@ async def _next_of_its_session(conn: AsyncConnection, row) -> bool:
         return True
     if await _session_busy(conn, row.session_id):
         return False
-    first = (await conn.execute(
-        select(dispatches.c.task_id)
-        .where(dispatches.c.session_id == row.session_id, dispatches.c.held.is_(True),
-               dispatches.c.finished.is_(False))
-        .order_by(dispatches.c.dispatched_at).limit(1))).scalar()
+    first = (await conn.execute(_FIRST_HELD, {"in_session": row.session_id})).scalar()
     return first == row.task_id
 
 
