@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, func, select
 
 from . import counters
-from .database import checkpoints, dialect_insert, dispatches, now, secrets
+from .database import checkpoints, dialect_insert, dispatches, now, secrets, upsert
 
 if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -91,10 +91,8 @@ async def save(
         "attempt": attempt, "inbox_seq": inbox_seq, "streamed": streamed, "context": text,
         "signature": _signature(key, task_id, inbox_seq, streamed, text), "updated_at": now(),
     }
-    statement = dialect_insert(conn, checkpoints).values(task_id=task_id, steps=1, **values)
-    await conn.execute(statement.on_conflict_do_update(
-        index_elements=["task_id"], set_={**values, "steps": checkpoints.c.steps + 1}
-    ))
+    statement = upsert(conn.dialect.name, checkpoints, ("task_id",), tuple(values), ("steps",))
+    await conn.execute(statement, {"task_id": task_id, "steps": 1, **values})
 
 
 async def load(conn: AsyncConnection, key: bytes, task_id: str) -> Checkpoint | None:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from .database import counters, dialect_insert
+from .database import counters, upsert
 
 if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -16,10 +16,8 @@ RECOVERED = "tasks_recovered"
 
 
 async def add(conn: AsyncConnection, name: str, by: int = 1) -> None:
-    statement = dialect_insert(conn, counters).values(name=name, value=by)
-    await conn.execute(statement.on_conflict_do_update(
-        index_elements=["name"], set_={"value": counters.c.value + by}
-    ))
+    statement = upsert(conn.dialect.name, counters, ("name",), (), ("value",))
+    await conn.execute(statement, {"name": name, "value": by})
 
 
 async def read(conn: AsyncConnection) -> dict[str, int]:

@@ -247,12 +247,15 @@ def insert_ignoring_duplicates(dialect: str, table: Table):
 
 
 @functools.cache
-def upsert(dialect: str, table: Table, keys: tuple[str, ...], updated: tuple[str, ...]):
+def upsert(dialect: str, table: Table, keys: tuple[str, ...], updated: tuple[str, ...],
+           summed: tuple[str, ...] = ()):
     """INSERT ... ON CONFLICT (keys) DO UPDATE SET each `updated` column to the new row's
-    value, in a dialect, built once; the row's values are the execution's parameters."""
+    value and add the new row's value to each `summed` one, in a dialect, built once; the
+    row's values are the execution's parameters."""
     statement = _dialect(dialect).insert(table)
-    return statement.on_conflict_do_update(
-        index_elements=list(keys), set_={column: statement.excluded[column] for column in updated})
+    changes = {column: statement.excluded[column] for column in updated}
+    changes |= {column: table.c[column] + statement.excluded[column] for column in summed}
+    return statement.on_conflict_do_update(index_elements=list(keys), set_=changes)
 
 
 def dialect_insert(conn: "AsyncConnection", table: Table):
