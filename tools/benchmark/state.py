@@ -4,8 +4,8 @@ PostgreSQL server, created for it and dropped when the run ends; and what that s
 on the run, in CPU seconds."""
 
 import asyncio
-import threading
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncpg
@@ -51,19 +51,8 @@ async def _admin(statement: str) -> None:
 
 def _run(coroutine) -> None:
     """Run it to the end from sync code, even inside the run's event loop (a thread)."""
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(coroutine)
-        except BaseException as exc:  # re-raised in the caller
-            failure.append(exc)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
 
 
 class PostgresServer:
