@@ -368,29 +368,31 @@ async def test_an_event_appended_twice_with_the_same_index_keeps_one_row(engine)
 # Registry
 
 
-async def test_heartbeat_marks_a_listed_queued_task_running_and_registers_its_service(engine):
+async def test_heartbeat_marks_its_listed_queued_tasks_running_and_registers_its_service(engine):
     async with engine.begin() as conn:
-        await state.record_new_task(conn, new_task("t1"), "client")
-        await state.record_new_task(conn, new_task("t2"), "client")
+        for task_id in ("t1", "t2", "t3"):
+            await state.record_new_task(conn, new_task(task_id), "client")
     async with engine.begin() as conn:
         # No RegisterService came first (the control plane started after the service).
         await state.record_heartbeat(
             conn, Heartbeat(service="echo", instance_id="echo-1",
-                            running=[RunningTask(task_id="t1", attempt=2)])
+                            running=[RunningTask(task_id="t1", attempt=2),
+                                     RunningTask(task_id="t2", attempt=1)])
         )
 
-    running = await get(engine, "t1")
-    assert running["status"] == "running"
-    assert running["attempts"] == 2
-    assert running["started_at"] is not None
-    assert (await get(engine, "t2"))["status"] == "queued"
+    for task_id, attempt in (("t1", 2), ("t2", 1)):
+        running = await get(engine, task_id)
+        assert running["status"] == "running"
+        assert running["attempts"] == attempt
+        assert running["started_at"] is not None
+    assert (await get(engine, "t3"))["status"] == "queued"
 
     async with engine.begin() as conn:
         listed = await state.list_services(conn, heartbeat_timeout=30)
     assert [s["name"] for s in listed] == ["echo"]
     [instance] = listed[0]["instances"]
     assert instance["instance_id"] == "echo-1"
-    assert instance["running"] == 1
+    assert instance["running"] == 2
     assert instance["alive"] is True
 
 

@@ -330,9 +330,10 @@ async def record_registration(conn: AsyncConnection, reg: RegisterService) -> No
     )
 
 
+# Run with many parameter sets at once (executemany), which takes no IN list: two terms.
 _STARTED = (update(tasks)
             .where(tasks.c.task_id == bindparam("started_task"),
-                   tasks.c.status.in_(("queued", "retrying")))
+                   or_(tasks.c.status == "queued", tasks.c.status == "retrying"))
             .values(status="running",
                     started_at=bindparam("started_at_", type_=tasks.c.started_at.type),
                     attempts=bindparam("started_attempt")))
