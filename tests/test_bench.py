@@ -51,6 +51,7 @@ def test_bench_quick_produces_every_figure_for_both_brokers_and_loses_no_task(ra
         {"rabbit": 0, "kafka": 0}
     assert all(report["tasks"][broker]["submitted"] > 0 for broker in BROKERS)
     assert report["lost"] == 0
+    assert report["dead_letters"] == 0  # no handler failed on a message five times
     assert "RabbitMQ" in run.stdout and "Kafka" in run.stdout  # the table, side by side
 
 
@@ -77,6 +78,7 @@ def test_bench_quick_with_postgres_state_counts_the_server_and_drops_its_databas
     assert missing == []
     assert all(figures[name]["rabbit"]["median"] > 0 for name in postgres)
     assert report["lost"] == 0 and report["tasks"]["rabbit"]["submitted"] > 0
+    assert report["dead_letters"] == 0
     assert _bench_databases(server) == []  # dropped at the end of the run
 
 

@@ -1,7 +1,7 @@
 """`tools/bench [--quick] [--json PATH]`: Conveyor on RabbitMQ and on Kafka (tansu brokers
 started here), beside the floor each broker sets, in one run.
 
-Exits 1 when a figure could not be produced or a task was lost.
+Exits 1 when a figure could not be produced, a task was lost or a message dead-lettered.
 """
 
 import argparse
@@ -88,7 +88,9 @@ def main() -> int:
         say.print(f"[red]not measured: {', '.join(missing)}[/]")
     if lost:
         say.print(f"[red]{lost} tasks lost[/]")
-    if missing or lost or results.errors:
+    if dead := results.dead_letters():
+        say.print(f"[red]{dead} messages dead-lettered: see the control plane's log[/]")
+    if missing or lost or dead or results.errors:
         say.print(f"logs kept in {workdir}")
         return 1
     shutil.rmtree(workdir, ignore_errors=True)

@@ -11,8 +11,9 @@ The JSON file is one object:
      "sizes": {...the task counts used...},
      "figures": {"<figure>": {"<broker>": {"median": 1.2, "min": 1.0, "max": 1.5,
                                            "unit": "ms", "runs": [1.0, 1.2, 1.5]}}},
-     "tasks": {"<broker>": {"submitted": 900, "completed": 900, "lost": 0}},
-     "lost": 0,
+     "tasks": {"<broker>": {"submitted": 900, "completed": 900, "lost": 0,
+                            "dead_letters": 0}},
+     "lost": 0, "dead_letters": 0,
      "errors": {"<broker>": "what stopped that broker's run"}}
 
 `<broker>` is "rabbit" or "kafka"; a figure a broker's run did not reach is absent for it.
@@ -91,7 +92,11 @@ class Results:
     def as_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "repetitions": self.repetitions, **self.meta,
                 "sizes": self.sizes, "figures": self.summary(), "tasks": self.tasks,
-                "lost": sum(t["lost"] for t in self.tasks.values()), "errors": self.errors}
+                "lost": sum(t["lost"] for t in self.tasks.values()),
+                "dead_letters": self.dead_letters(), "errors": self.errors}
+
+    def dead_letters(self) -> int:
+        return sum(t.get("dead_letters", 0) for t in self.tasks.values())
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.as_json(), indent=2) + "\n")
@@ -109,9 +114,9 @@ class Results:
                 continue  # measured with --state-url only
             cells = [_cell(summary.get(figure, {}).get(broker)) for broker in brokers]
             table.add_row(label, unit, *cells)
-        table.add_row("tasks submitted / lost", "", *[
-            f"{self.tasks[b]['submitted']} / {self.tasks[b]['lost']}" if b in self.tasks
-            else "-" for b in brokers])
+        table.add_row("tasks submitted / lost / messages dead-lettered", "", *[
+            f"{self.tasks[b]['submitted']} / {self.tasks[b]['lost']} / "
+            f"{self.tasks[b]['dead_letters']}" if b in self.tasks else "-" for b in brokers])
         console.print(table)
         for key, value in self.meta.items():
             console.print(f"{key}: {value}")

@@ -23,7 +23,7 @@ from .report import Results
 from .scaling import scaling
 from .startup import up_to_first_task
 from .state import server_process
-from .stats import Tally, percentile
+from .stats import Tally, count_dead_letters, percentile
 
 # The recovery deployment's heartbeats. Only there: under load, a timeout this short has
 # workers that are merely busy taken for silent (see README "Benchmark").
@@ -89,7 +89,7 @@ async def bench_broker(broker: str, server: BrokerServer, sizes: Sizes, results:
         results.meta.setdefault("scaling_tasks_per_replica", {})[broker] = per_replica
     finally:
         results.tasks[broker] = {"submitted": tally.submitted, "completed": tally.completed,
-                                 "lost": tally.lost}
+                                 "lost": tally.lost, "dead_letters": tally.dead_letters}
 
 
 async def _floor(broker: str, url: str, namespace: str, sizes: Sizes,
@@ -161,6 +161,7 @@ async def _deployment(broker: str, deployment: Deployment, server: BrokerServer,
                     results.add(f"rss_load_{part}", broker, mb)
                 say.log(f"{broker}: repetition {rep + 1}: {many.tasks_per_second:.0f} "
                           f"and {backlog.tasks_per_second:.0f} tasks/s")
+            await count_dead_letters(client, tally)
     finally:
         await asyncio.to_thread(deployment.stop)
         await forget_namespace(deployment.broker_url, deployment.namespace, ["echo"])
@@ -176,6 +177,7 @@ async def _recovery(broker: str, deployment: Deployment, sizes: Sizes, results: 
                 seconds = await resume_after_kill9(deployment, client, log, tally)
                 results.add("resume_after_kill9", broker, seconds)
                 say.log(f"{broker}: attempt 2 started {seconds:.1f} s after the kill -9")
+            await count_dead_letters(client, tally)
     finally:
         await asyncio.to_thread(deployment.stop)
         await forget_namespace(deployment.broker_url, deployment.namespace,

@@ -14,7 +14,7 @@ from conveyor.services.database import dispatches
 from .load import in_flight
 from .parts import SLOW, Deployment, forget_namespace
 from .report import Results
-from .stats import Tally
+from .stats import Tally, count_dead_letters
 
 SERVICE = "slow"
 REPLICAS = (1, 2, 4)
@@ -58,6 +58,7 @@ async def scaling(broker: str, fresh: Callable[[], str], tasks: int, width: int,
                     results.add(figure(replicas), broker, load.tasks_per_second)
                     say.log(f"{broker}: {replicas} x {SERVICE}, repetition {rep + 1}: "
                             f"{load.tasks_per_second:.0f} tasks/s")
+                await count_dead_letters(client, tally)
         finally:
             await asyncio.to_thread(deployment.stop)
             await forget_namespace(deployment.broker_url, deployment.namespace, [SERVICE])
