@@ -9,6 +9,10 @@ broker's path stay in the CPU's caches. A sequential task wakes each part once p
 this measures what the same three hops and run cost then, on the same machine, so that
 Conveyor's own work shows apart from what any design of separate processes pays.
 
+Many requests in flight through it give the throughput floor of (c): what the same
+processes and broker pass with FastStream's work per message and the workflow's per run
+alone, nothing recorded.
+
 Run as `python -m benchmark.bare_path relay|worker BROKER_URL NAMESPACE`: a part prints
 "ready" once it consumes.
 """
@@ -21,14 +25,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
+import psutil
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 
 from .brokers import KAFKA_GROUP, LOGGING, create_topic, kafka_servers, raw_body
 
-Path = Callable[[], Awaitable[float]]
+
+@dataclass
+class BarePath:
+    send: Callable[..., Awaitable[float]]  # one request through it; returns its ms
+    processes: dict[str, psutil.Process]  # the relay's and the worker's
 
 
 def _names(namespace: str) -> dict[str, str]:
@@ -89,9 +99,9 @@ async def _serve(part: str, broker_url: str, namespace: str) -> None:
 
 @asynccontextmanager
 async def bare_path(broker_url: str, namespace: str, python: str = sys.executable,
-                    env: dict[str, str] | None = None) -> AsyncIterator[Path]:
-    """Starts the relay and the worker; yields a function that sends one request through
-    them and returns its milliseconds."""
+                    env: dict[str, str] | None = None) -> AsyncIterator[BarePath]:
+    """Starts the relay and the worker; yields them, with `send`, which sends one request
+    through them and returns its milliseconds."""
     names = _names(namespace)
     wire = _Wire(broker_url, namespace)
     if not wire.rabbit:
@@ -127,7 +137,8 @@ async def bare_path(broker_url: str, namespace: str, python: str = sys.executabl
         await go(timeout=60)  # the first waits for Kafka's consumer groups to form
         for _ in range(5):
             await go()
-        yield go
+        yield BarePath(go, {f"bare {part}": psutil.Process(process.pid)
+                            for part, process in zip(("relay", "worker"), parts, strict=True)})
     finally:
         for process in parts:
             process.kill()

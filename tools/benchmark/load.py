@@ -46,6 +46,21 @@ async def in_flight(client: Client, processes: dict[str, psutil.Process], total:
     return await _measured(all_lanes, processes, total)
 
 
+async def bare_in_flight(send, processes: dict[str, psutil.Process], total: int,
+                         width: int, timeout: float) -> Load:
+    """`total` requests through the bare path (benchmark/bare_path.py), `width` at a time."""
+    counter = iter(range(total))
+
+    async def lane() -> None:
+        for _ in counter:
+            await send(timeout)
+
+    async def all_lanes() -> None:
+        await asyncio.gather(*(lane() for _ in range(width)))
+
+    return await _measured(all_lanes, processes, total)
+
+
 async def queued(client: Client, processes: dict[str, psutil.Process], total: int,
                  tally: Tally, timeout: float) -> Load:
     """`total` echo tasks published as fast as the broker confirms them, then drained:

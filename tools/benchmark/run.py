@@ -15,7 +15,7 @@ from rich.console import Console
 from .bare_path import bare_path
 from .floor import HOPS, bare_hop, workflow_run
 from .latency import raw_publisher, via_client, via_raw_json
-from .load import in_flight, queued
+from .load import bare_in_flight, in_flight, queued
 from .parts import ECHO, BrokerServer, Deployment, PeakRss, forget_namespace, rss_mb
 from .recovery import SERVICE as RESUMABLE_SERVICE
 from .recovery import resume_after_kill9
@@ -62,7 +62,7 @@ async def bench_broker(broker: str, server: BrokerServer, sizes: Sizes, results:
         deployment.workdir.mkdir()
         say.log(f"{broker}: the floor (bare hop, bare workflow run, bare path)")
         paths = await _floor(broker, url, deployment.namespace, sizes, results)
-        bare = await _bare_path(broker, deployment, sizes, results)
+        bare = await _bare_path(broker, deployment, server, sizes, results)
         say.log(f"{broker}: a deployment: latency, throughput, memory")
         if server.kind == "rabbit":  # one deployment, its repetitions one after another
             await _deployment(broker, deployment, server, sizes, reps, results, paths, bare,
@@ -109,19 +109,27 @@ async def _floor(broker: str, url: str, namespace: str, sizes: Sizes,
     return paths
 
 
-async def _bare_path(broker: str, deployment: Deployment, sizes: Sizes,
-                     results: Results) -> list[float]:
-    """Each repetition's bare path p50 (benchmark/bare_path.py), timed as the sequential
-    tasks are: after a second idle, one after another, as many."""
+async def _bare_path(broker: str, deployment: Deployment, server: BrokerServer,
+                     sizes: Sizes, results: Results) -> list[float]:
+    """Each repetition's bare path (benchmark/bare_path.py): its p50 timed as the sequential
+    tasks are (after a second idle, one after another, as many), and its throughput with as
+    many in flight as the deployment will have. Returns the p50s."""
     medians = []
     async with bare_path(deployment.broker_url, deployment.namespace,
-                         env=deployment.env) as go:
+                         env=deployment.env) as path:
+        processes = {**path.processes, "broker": server.process(), "client": psutil.Process()}
         for _ in range(sizes.repetitions):
             await asyncio.sleep(1.0)  # idle first, as before the deployment's sequential tasks
-            times = [await go() for _ in range(sizes.sequential)]
+            times = [await path.send() for _ in range(sizes.sequential)]
             medians.append(percentile(times, 50))
             results.add("bare_path_p50", broker, medians[-1])
             results.add("bare_path_p99", broker, percentile(times, 99))
+            if server.kind != "rabbit":
+                continue  # see report.RABBIT_ONLY
+            load = await bare_in_flight(path.send, processes, sizes.in_flight_tasks,
+                                        sizes.in_flight, sizes.task_timeout)
+            results.add("bare_path_tps", broker, load.tasks_per_second)
+            results.add("bare_path_cpu", broker, sum(load.cpu_per_1000.values()))
     return medians
 
 
@@ -157,6 +165,7 @@ async def _deployment(broker: str, deployment: Deployment, server: BrokerServer,
                     results.add(f"{name}_tps", broker, load.tasks_per_second)
                     for part, seconds in load.cpu_per_1000.items():
                         results.add(f"{name}_cpu_{part}", broker, seconds)
+                results.add("in_flight_cpu_all", broker, sum(many.cpu_per_1000.values()))
                 for part, mb in peak.peak.items():
                     results.add(f"rss_load_{part}", broker, mb)
                 say.log(f"{broker}: repetition {rep + 1}: {many.tasks_per_second:.0f} "
