@@ -496,6 +496,19 @@ async def test_outcomes_and_events_of_a_replaced_attempt_are_rejected_and_counte
     assert await count(engine, database.events) == 0
 
 
+async def test_the_orchestrators_own_outcome_is_stored_whatever_attempt_was_dispatched(engine):
+    # Attempt 0: a cancellation the orchestrator reports itself, never a replaced attempt's.
+    async with engine.begin() as conn:
+        await registered_task(conn)
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await conn.execute(database.dispatches.update().values(attempt=2))
+        cancelled = outcome(status="cancelled", result=None, attempt=0)
+        assert await state.record_outcome(conn, cancelled) == []
+    async with engine.begin() as conn:
+        assert (await state.get_task(conn, "t1"))["status"] == "cancelled"
+        assert (await counters.read(conn)).get(counters.STALE_REJECTED, 0) == 0
+
+
 # Leases
 
 

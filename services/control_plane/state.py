@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import bindparam, delete, exists, func, insert, literal, or_, select, text, update
 
 from conveyor.contracts import (
     FINAL_STATUSES,
@@ -114,9 +114,15 @@ _FILLED_IN = (update(tasks)
               .where(tasks.c.task_id == bindparam("filled_task"), tasks.c.publisher_id.is_(None)))
 
 
-# Built once, for every task's outcome.
+# Built once, for every task's outcome. The final statuses are bound one by one: an IN
+# list bound whole is expanded, and so compiled again, on every execution.
 _END = (update(tasks)
-        .where(tasks.c.task_id == bindparam("ended_task"), tasks.c.status.not_in(FINAL_STATUSES)))
+        .where(tasks.c.task_id == bindparam("ended_task"),
+               tasks.c.status.not_in([literal(status) for status in FINAL_STATUSES])))
+# ...unless the orchestrator has dispatched a later attempt (see _stale).
+_END_IF_CURRENT = _END.where(~exists().where(
+    dispatches.c.task_id == bindparam("ended_task"),
+    dispatches.c.attempt > bindparam("ended_attempt")))
 _REPLY_TO = select(tasks.c.reply_to).where(tasks.c.task_id == bindparam("asked_of"))
 _WATCHERS = select(watchers).where(watchers.c.task_id == bindparam("watched"))
 _WATCHED = delete(watchers).where(watchers.c.task_id == bindparam("watched"))
@@ -134,23 +140,27 @@ async def record_outcome(
     "stream" watchers follow the events and then the end.
     """
     await _lock_task(conn, outcome.task_id)
-    if await _stale(conn, outcome.task_id, outcome.attempt):
-        return None
     ended = {
-        "ended_task": outcome.task_id, "status": outcome.status, "result": outcome.result,
+        "ended_task": outcome.task_id, "ended_attempt": outcome.attempt,
+        "status": outcome.status, "result": outcome.result,
         "error": outcome.error.model_dump() if outcome.error else None,
         "attempts": outcome.attempt, "events": outcome.events, "steps": outcome.steps or None,
         "finished_at": now(),
     }
-    stored = await conn.execute(_END, ended)
+    # Attempt 0 is not a worker's: the orchestrator's own outcomes are never stale.
+    end = _END_IF_CURRENT if outcome.attempt > 0 else _END
+    stored = await conn.execute(end, ended)
     if stored.rowcount == 0:
-        # No record yet (the outcome overtook its NEW_TASK), or it has ended already.
+        # Its attempt was replaced, it has no record yet (the outcome overtook its
+        # NEW_TASK), or it has ended already.
+        if await _stale(conn, outcome.task_id, outcome.attempt):
+            return None
         await _insert_once(
             conn, tasks, task_id=outcome.task_id, service=outcome.service,
             session_id=outcome.session_id, status="queued", attempts=0,
             reply_to=outcome.reply_to, created_at=now(),
         )
-        stored = await conn.execute(_END, ended)
+        stored = await conn.execute(end, ended)
     if stored.rowcount == 0:
         return None
     if outcome.error is not None and outcome.status == "failed":
