@@ -199,6 +199,32 @@ async def test_an_answer_sent_before_the_question_is_kept_until_the_workflow_wai
         assert await client.result(task_id, timeout=30) == "hello, Bo"
 
 
+async def test_tasks_waiting_together_on_one_replica_are_each_shown_running(
+    workflows_deployment,
+):
+    # The replica's heartbeats name every task it holds: the control plane marks each one
+    # running, and the registry counts them (a heartbeat naming two once failed there).
+    async with workflows_deployment.client() as client:
+        ids = [await client.run_nowait("greeter", greeting=f"hi {n}") for n in range(3)]
+
+        async def all_running() -> bool:
+            statuses = [(await client.get_task(task_id))["status"] for task_id in ids]
+            return statuses == ["running"] * len(ids)
+
+        async def holding() -> list[int]:
+            found = {s["name"]: s for s in await client.list_services()}["greeter"]
+            return [i["running"] for i in found["instances"] if i["alive"]]
+
+        try:
+            await eventually(all_running)
+            assert await eventually(holding) == [3]
+        finally:
+            for task_id in ids:
+                await client.send_event(task_id, HumanResponseEvent(response="Cy"))
+        assert [await client.result(task_id, timeout=30) for task_id in ids] == \
+            [f"hi {n}, Cy" for n in range(3)]
+
+
 async def test_an_event_sent_while_no_instance_holds_the_task_is_kept_until_one_does(
     fresh_deployment,
 ):
