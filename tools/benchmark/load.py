@@ -32,33 +32,34 @@ async def in_flight(client: Client, processes: dict[str, psutil.Process], total:
                     width: int, tally: Tally, timeout: float, service: str = "echo") -> Load:
     """`total` tasks of the service (echo unless told), kept `width` at a time in flight
     (each finished one makes room for the next)."""
-    counter = iter(range(total))
 
-    async def lane() -> None:
-        for n in counter:
-            tally.submitted += 1
-            task_id = await client.run_nowait(service, n=n)
-            await _outcome(client, task_id, timeout, tally)
+    async def one(n: int) -> None:
+        tally.submitted += 1
+        task_id = await client.run_nowait(service, n=n)
+        await _outcome(client, task_id, timeout, tally)
 
-    async def all_lanes() -> None:
-        await asyncio.gather(*(lane() for _ in range(width)))
-
-    return await _measured(all_lanes, processes, total)
+    return await _measured(lambda: _kept_in_flight(one, total, width), processes, total)
 
 
 async def bare_in_flight(send, processes: dict[str, psutil.Process], total: int,
                          width: int, timeout: float) -> Load:
     """`total` requests through the bare path (benchmark/bare_path.py), `width` at a time."""
+
+    async def one(_: int) -> None:
+        await send(timeout)
+
+    return await _measured(lambda: _kept_in_flight(one, total, width), processes, total)
+
+
+async def _kept_in_flight(one, total: int, width: int) -> None:
+    """`one(n)` for n in range(total), `width` at a time."""
     counter = iter(range(total))
 
     async def lane() -> None:
-        for _ in counter:
-            await send(timeout)
+        for n in counter:
+            await one(n)
 
-    async def all_lanes() -> None:
-        await asyncio.gather(*(lane() for _ in range(width)))
-
-    return await _measured(all_lanes, processes, total)
+    await asyncio.gather(*(lane() for _ in range(width)))
 
 
 async def queued(client: Client, processes: dict[str, psutil.Process], total: int,
