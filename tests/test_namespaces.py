@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from .deployment import Deployment
+from .deployment import Deployment, eventually
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +41,18 @@ async def test_each_namespace_runs_its_own_tasks_and_sees_only_them(two):
 
         # Listings may lag by the control plane's backlog (README, "How a task travels"): the
         # outcomes came straight from the worker, beside the control plane's record.
-        seen_by_one = await listed_once_recorded(one, ids_one)
-        seen_by_two = await listed_once_recorded(other, ids_two)
+        seen_by_one = await eventually(lambda: listing_with(one, ids_one), timeout=30)
+        seen_by_two = await eventually(lambda: listing_with(other, ids_two), timeout=30)
         assert set(ids_one) <= seen_by_one and not seen_by_one & set(ids_two)
         assert set(ids_two) <= seen_by_two and not seen_by_two & set(ids_one)
         assert await other.get_task(ids_one[0]) is None
 
 
-async def listed_once_recorded(client, task_ids: list[str], timeout: float = 30) -> set[str]:
-    """The task ids `list_tasks` gives once it has all of `task_ids`, or after `timeout`."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        listed = {t["task_id"] for t in await client.list_tasks(limit=1000)}
-        if set(task_ids) <= listed or asyncio.get_running_loop().time() > deadline:
-            return listed
-        await asyncio.sleep(0.2)
+async def listing_with(client, task_ids: list[str]) -> set[str] | None:
+    """The task ids `list_tasks` gives, once they include all of `task_ids` (for
+    `eventually`)."""
+    listed = {t["task_id"] for t in await client.list_tasks(limit=1000)}
+    return listed if set(task_ids) <= listed else None
 
 
 async def test_a_service_known_in_one_namespace_is_unknown_in_the_other(two):
