@@ -83,7 +83,7 @@ def main() -> int:
     if args.json:
         results.write(args.json)
     missing = results.missing(brokers)
-    lost = sum(t["lost"] for t in results.tasks.values())
+    lost = results.lost()
     if missing:
         say.print(f"[red]not measured: {', '.join(missing)}[/]")
     if lost:

@@ -99,8 +99,11 @@ class Results:
     def as_json(self) -> dict[str, Any]:
         return {"mode": self.mode, "repetitions": self.repetitions, **self.meta,
                 "sizes": self.sizes, "figures": self.summary(), "tasks": self.tasks,
-                "lost": sum(t["lost"] for t in self.tasks.values()),
-                "dead_letters": self.dead_letters(), "errors": self.errors}
+                "lost": self.lost(), "dead_letters": self.dead_letters(),
+                "errors": self.errors}
+
+    def lost(self) -> int:
+        return sum(t["lost"] for t in self.tasks.values())
 
     def dead_letters(self) -> int:
         return sum(t.get("dead_letters", 0) for t in self.tasks.values())
