@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from faststream import FastStream
 
@@ -50,8 +50,9 @@ from conveyor.contracts import (
 from conveyor.contracts.topics import CONTROL_PLANE, REGISTRY
 from conveyor.remote import Caller, current_caller
 
-from .. import checkpoints, database, health, logs, sessions, telemetry
+from .. import checkpoints, database, health, logs, sessions, telemetry, write_lock
 from ..bus import (
+    PublishFailed,
     Redeliver,
     create_broker,
     declare_system_queues,
@@ -64,6 +65,7 @@ from ..bus import (
 )
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
+from ..group_commit import GroupCommit, Item
 from ..orchestrator.state import waiting_behind
 from ..settings import ConfigurationError, load
 from .described import describe_workflow
@@ -78,6 +80,14 @@ if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
 log = logging.getLogger("conveyor.runtime")
 
 HANDED_BACK = "handed back"
+
+
+class Ended(NamedTuple):
+    """An attempt's outcome, to be marked ended and published (see report)."""
+
+    outcome: CompletedTask
+    streamed: bool  # its task streams its events: the control plane answers its reply_to
+    session_state: dict | None  # the session's Context state the run left, to keep
 
 
 def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastStream:
@@ -255,32 +265,61 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         (of its session, or of a service with a limit), to release it. The session's state
         is kept in that transaction too, so a replaced attempt never overwrites what a later
         one (or the session's next task) left.
-        """
-        message = CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome)
 
+        The outcomes of attempts that end while others' are being written go together, in
+        one transaction and with their publishes in flight at once (group_commit): under
+        load a transaction, and the write lock on SQLite, is held through one wait for the
+        broker's confirms for many outcomes rather than one each.
+        """
+        await write_ended(Ended(outcome, streamed, session_state))
+
+    async def write_outcomes(batch: list[Item[Ended]]) -> None:
         async def once() -> None:
             async with engine.begin() as conn:
-                current = await reported(conn, outcome.task_id, outcome.attempt, instance_id,
-                                         ended=True)
-                if current and session_state is not None and outcome.session_id:
-                    await sessions.save_context_state(conn, outcome.session_id, session_state)
-                outcome.replied = bool(current and outcome.reply_to and not streamed)
-                copy_to = (outcome.reply_to,) if outcome.replied else ()
-                if current and await waiting_behind(conn, outcome.session_id, name if limited
-                                                    else None):
-                    copy_to += (orchestrator,)
-                try:
-                    await publish(broker, settings, message, reports,
-                                  key=outcome.task_id, copy_to=copy_to)
-                except MessageTooLarge as exc:
-                    outcome.status, outcome.result, outcome.error = "failed", None, TaskError(
-                        type="MessageTooLarge",
-                        message=f"the task's outcome could not be sent: {exc}")
-                    await publish(broker, settings, message, reports,
-                                  key=outcome.task_id, copy_to=copy_to)
+                copies = [await mark_ended(conn, item.value) for item in batch]
+                held = write_lock.held()
+                sends = [item.start(send_outcome(item.value.outcome, copy_to, held))
+                         for item, copy_to in zip(batch, copies, strict=True)]
+                # Each publish ends (confirmed or failed) before the transaction does.
+                for sent in await asyncio.gather(*sends, return_exceptions=True):
+                    if isinstance(sent, BaseException):
+                        raise sent
 
         # While the broker is away the transaction is not held open: see write_lock.
-        await through_outages(settings, f"the outcome of task {outcome.task_id}", once)
+        ids = ", ".join(item.value.outcome.task_id for item in batch)
+        await through_outages(settings, f"the outcome of task {ids}", once)
+
+    async def mark_ended(conn, ended: Ended) -> tuple[str, ...]:
+        """Mark the attempt ended (and keep its session's state) if it is still the task's;
+        returns the topics its outcome is copied to besides the control plane's."""
+        outcome = ended.outcome
+        current = await reported(conn, outcome.task_id, outcome.attempt, instance_id,
+                                 ended=True)
+        if current and ended.session_state is not None and outcome.session_id:
+            await sessions.save_context_state(conn, outcome.session_id, ended.session_state)
+        outcome.replied = bool(current and outcome.reply_to and not ended.streamed)
+        copy_to = (outcome.reply_to,) if outcome.replied else ()
+        if current and await waiting_behind(conn, outcome.session_id, name if limited
+                                            else None):
+            copy_to += (orchestrator,)
+        return copy_to
+
+    async def send_outcome(outcome: CompletedTask, copy_to: tuple[str, ...], held: bool) -> None:
+        """Publish an outcome, in the task's own context (its trace), inside the transaction
+        that marks it ended: tried once when that holds SQLite's write lock."""
+        message = CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome)
+        with write_lock.holding() if held else contextlib.nullcontext():
+            try:
+                await publish(broker, settings, message, reports,
+                              key=outcome.task_id, copy_to=copy_to)
+            except MessageTooLarge as exc:
+                outcome.status, outcome.result, outcome.error = "failed", None, TaskError(
+                    type="MessageTooLarge",
+                    message=f"the task's outcome could not be sent: {exc}")
+                await publish(broker, settings, message, reports,
+                              key=outcome.task_id, copy_to=copy_to)
+
+    write_ended = GroupCommit(write_outcomes, not_theirs=(PublishFailed,))
 
     async def claim(dispatch: DispatchTask) -> StartingPoint:
         """Claim the attempt. The orchestrator commits a first dispatch before publishing it,
