@@ -574,23 +574,29 @@ async def test_claim_first_dispatch_once_per_task(engine):
     assert (row.service, row.attempt, row.finished) == ("echo", 1, False)
 
 
-async def test_a_published_task_is_recorded_once_and_its_workers_claim_stands(engine):
-    # A task that waits for nothing is published first and recorded after, each statement
-    # committing by itself (on PostgreSQL without BEGIN and COMMIT): the worker that took it
-    # may have recorded it already, claimed, and that record stays as the worker left it.
+async def test_published_tasks_are_recorded_once_together_and_their_workers_claims_stand(engine):
+    # A task that waits for nothing is published first and recorded after, those published
+    # meanwhile together, in one statement that commits by itself (on PostgreSQL without
+    # BEGIN and COMMIT): the worker that took one may have recorded it already, claimed,
+    # and that record stays as the worker left it.
+    def published(task_id: str, task: dict | None = None) -> dict:
+        return orchestrator_state.first_dispatch(task_id, "echo", None, None, task, None)
+
     async with database.autocommit(engine) as conn:
-        await orchestrator_state.record_published(conn, "t1", "echo", task={"task_id": "t1"})
+        await orchestrator_state.record_published(conn, [published("t1", {"task_id": "t1"})])
     async with engine.begin() as conn:
         start = await starting_point(conn, new_task(task_id="t2"), 1, "i1", b"key", 30.0)
     assert start.skip is None
     async with database.autocommit(engine) as conn:
-        await orchestrator_state.record_published(conn, "t1", "echo")
-        await orchestrator_state.record_published(conn, "t2", "echo")
+        await orchestrator_state.record_published(
+            conn, [published("t1"), published("t2"), published("t3", {"task_id": "t3"})])
     async with engine.connect() as conn:
         rows = {row.task_id: row for row in await conn.execute(select(database.dispatches))}
     assert (rows["t1"].attempt, rows["t1"].task, rows["t1"].instance_id) == (
         1, {"task_id": "t1"}, None)
     assert (rows["t2"].attempt, rows["t2"].instance_id) == (1, "i1")
+    assert (rows["t3"].attempt, rows["t3"].task, rows["t3"].instance_id) == (
+        1, {"task_id": "t3"}, None)
 
 
 async def test_a_duplicate_new_task_finds_its_dispatch_untaken_until_a_worker_claims_it(engine):

@@ -53,6 +53,7 @@ from ..bus import (
     subscribe_system,
 )
 from ..dead_letters import reject
+from ..group_commit import GroupCommit, Item
 from ..ordering import InOrderPerKey, task_and_session
 from ..settings import Settings, load
 from . import state
@@ -97,10 +98,9 @@ def create_app(settings: Settings | None = None) -> FastStream:
         at_once = task.session_id is None and not limit
         if at_once:
             await publish_first_attempt(task)
-            async with database.autocommit(engine) as conn:  # one statement
-                await state.record_published(conn, task.task_id, task.service,
-                                             task.parent_task_id, task.model_dump(mode="json"),
-                                             telemetry.carrier())
+            await record_published(state.first_dispatch(
+                task.task_id, task.service, task.parent_task_id, None,
+                task.model_dump(mode="json"), telemetry.carrier()))
             return
         async with engine.begin() as conn:
             claim = await state.claim_first_dispatch(
@@ -114,6 +114,13 @@ def create_app(settings: Settings | None = None) -> FastStream:
                      "service %s", task.task_id, task.service)
             return
         await publish_first_attempt(task)
+
+    async def write_published(batch: list[Item[dict]]) -> None:
+        async with database.autocommit(engine) as conn:  # one statement
+            await state.record_published(conn, [item.value for item in batch])
+
+    # The dispatches published while others are being recorded are recorded together.
+    record_published = GroupCommit(write_published)
 
     async def publish_first_attempt(task: NewTask) -> None:
         message = DispatchTaskMessage(

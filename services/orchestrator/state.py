@@ -50,14 +50,10 @@ async def claim_first_dispatch(
     return Claim(False, untaken=untaken)
 
 
-async def record_published(
-    conn: AsyncConnection, task_id: str, service: str, parent_task_id: str | None = None,
-    task: dict | None = None, trace: dict | None = None,
-) -> None:
-    """Record attempt 1 of a task that waits for nothing, published already, unless the
-    worker that took it recorded it first."""
-    await conn.execute(insert_ignoring_duplicates(conn.dialect.name, dispatches),
-                       first_dispatch(task_id, service, parent_task_id, None, task, trace))
+async def record_published(conn: AsyncConnection, rows: list[dict]) -> None:
+    """Record attempt 1 of tasks that wait for nothing, published already (each row a
+    `first_dispatch`), unless the worker that took one recorded it first."""
+    await conn.execute(insert_ignoring_duplicates(conn.dialect.name, dispatches), rows)
 
 
 def first_dispatch(task_id: str, service: str, parent_task_id: str | None,
