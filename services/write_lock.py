@@ -9,7 +9,11 @@ message comes again; the worker's reports go through bus.through_outages).
 """
 
 import contextlib
+from collections.abc import Awaitable
 from contextvars import ContextVar
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class holding:
@@ -35,3 +39,12 @@ _current: ContextVar[holding | None] = ContextVar("conveyor_write_lock", default
 def held() -> bool:
     hold = _current.get()
     return hold is not None and hold.held
+
+
+async def within(held_by_caller: bool, work: Awaitable[T]) -> T:
+    """`work`, run in a task of its own for a transaction another task runs: counted as
+    holding the write lock when that transaction holds it (`held()` there)."""
+    if not held_by_caller:
+        return await work
+    with holding():
+        return await work

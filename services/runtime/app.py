@@ -308,16 +308,14 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         """Publish an outcome, in the task's own context (its trace), inside the transaction
         that marks it ended: tried once when that holds SQLite's write lock."""
         message = CompletedTaskMessage(type=CONTROL_PLANE, publisher_id=instance_id, data=outcome)
-        with write_lock.holding() if held else contextlib.nullcontext():
-            try:
-                await publish(broker, settings, message, reports,
-                              key=outcome.task_id, copy_to=copy_to)
-            except MessageTooLarge as exc:
-                outcome.status, outcome.result, outcome.error = "failed", None, TaskError(
-                    type="MessageTooLarge",
-                    message=f"the task's outcome could not be sent: {exc}")
-                await publish(broker, settings, message, reports,
-                              key=outcome.task_id, copy_to=copy_to)
+        try:
+            await write_lock.within(held, publish(broker, settings, message, reports,
+                                                  key=outcome.task_id, copy_to=copy_to))
+        except MessageTooLarge as exc:
+            outcome.status, outcome.result, outcome.error = "failed", None, TaskError(
+                type="MessageTooLarge", message=f"the task's outcome could not be sent: {exc}")
+            await write_lock.within(held, publish(broker, settings, message, reports,
+                                                  key=outcome.task_id, copy_to=copy_to))
 
     write_ended = GroupCommit(write_outcomes, not_theirs=(PublishFailed,))
 
