@@ -43,9 +43,17 @@ from conveyor.contracts import (
 )
 from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTRY
 
-from .. import checkpoints, counters, database, health, logs, sessions, telemetry
-from ..bus import Broker, create_broker, declare_system_queues, publish, subscribe_system
+from .. import checkpoints, counters, database, health, logs, sessions, telemetry, write_lock
+from ..bus import (
+    UNREACHABLE,
+    Broker,
+    create_broker,
+    declare_system_queues,
+    publish,
+    subscribe_system,
+)
 from ..dead_letters import reject
+from ..group_commit import GroupCommit, Item
 from ..ordering import InOrderPerKey, task_and_session
 from ..settings import Settings, load
 from . import cleanup, metrics, state
@@ -95,9 +103,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
         if isinstance(message, QueryMessage) and message.data.kind in TASK_QUERIES:
             await answer_query(message)
             return
-        if isinstance(message, NewTaskMessage):
-            async with database.autocommit(engine) as conn:  # statements that stand alone
-                await state.record_new_task(conn, message.data, message.publisher_id)
+        if isinstance(message, NewTaskMessage | CompletedTaskMessage):
+            await write_together(message)  # with those that come while others are written
             return
         async with engine.begin() as conn:
             match message:
@@ -108,13 +115,6 @@ def create_app(settings: Settings | None = None) -> FastStream:
                         return
                     if event.stream and event.reply_to:
                         await publish(broker, settings, message, event.reply_to, key=event.task_id)
-                case CompletedTaskMessage(data=outcome):
-                    waiting = await state.record_outcome(conn, outcome)
-                    if waiting is None:
-                        log.info("outcome of %s (attempt %d) not taken: recorded before, or "
-                                 "from a replaced attempt", outcome.task_id, outcome.attempt)
-                    else:
-                        await _tell_outcome(broker, settings, message, waiting)
                 case TaskStatusMessage(data=change):
                     await state.record_status(conn, change)
                 case CancelTaskMessage() | PauseTaskMessage() | ResumeTaskMessage():
@@ -128,6 +128,32 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 followers = await state.stream_watchers(conn, message.data.task_id)
             for reply_to in followers:
                 await publish(broker, settings, message, reply_to, key=message.data.task_id)
+
+    async def write_each(batch: list[Item[NewTaskMessage | CompletedTaskMessage]]) -> None:
+        """Record tasks and outcomes in one transaction, in the order of their task ids (on
+        PostgreSQL each takes its task's lock: two replicas writing the same tasks take them
+        in the same order, and never wait for each other in a circle). What is said or sent
+        for one is said and sent in its own task's context (its trace, its log lines)."""
+        async with engine.begin() as conn:
+            held = write_lock.held()
+            for item in sorted(batch, key=lambda item: item.value.data.task_id):
+                message = item.value
+                if isinstance(message, NewTaskMessage):
+                    await state.record_new_task(conn, message.data, message.publisher_id)
+                    continue
+                outcome = message.data
+                waiting = await state.record_outcome(conn, outcome)
+                if waiting is None:
+                    item.context.run(
+                        log.info, "outcome of %s (attempt %d) not taken: recorded before, or "
+                        "from a replaced attempt", outcome.task_id, outcome.attempt)
+                elif _anyone_to_tell(message, waiting):
+                    await item.start(write_lock.within(
+                        held, _tell_outcome(broker, settings, message, waiting)))
+
+    # Tasks and outcomes that come while others are being recorded are recorded together:
+    # under load one transaction (and, on SQLite, one turn of the write lock) for many.
+    write_together = GroupCommit(write_each, not_theirs=UNREACHABLE)
 
     async def on_sent_event(message: SendEventMessage, body: bytes) -> None:
         """Keep the event in the task's inbox, pass it to the service, tell the sender.
@@ -350,6 +376,11 @@ async def _replay(broker: Broker, settings: Settings, engine: "AsyncEngine",
         await publish(broker, settings,
                       CompletedTaskMessage(type=QUERY, publisher_id=publisher_id, data=outcome),
                       query.reply_to, key=task_id)
+
+
+def _anyone_to_tell(message: CompletedTaskMessage, waiting: list[dict]) -> bool:
+    """Whether _tell_outcome has anyone to send the outcome to."""
+    return bool(waiting) or bool(message.data.reply_to and not message.data.replied)
 
 
 async def _tell_outcome(
