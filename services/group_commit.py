@@ -25,6 +25,7 @@ T = TypeVar("T")
 class Item(Generic[T]):
     value: T
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    result: Any = None  # what the write gives back for this item, if anything
 
     def start(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """`work` for this item, run in the context it was submitted in."""
@@ -32,7 +33,8 @@ class Item(Generic[T]):
 
 
 class GroupCommit(Generic[T]):
-    """`await group(value)` returns once `write` has written the batch `value` went in. A
+    """`await group(value)` returns once `write` has written the batch `value` went in,
+    with what the write set as the item's `result`. A
     batch whose write fails is written again one item at a time, so that an item fails for
     its own fault alone (one whose state cannot be stored, say), with what its write
     raised, and does not take the others down with it every time it comes again. Errors of
@@ -46,14 +48,15 @@ class GroupCommit(Generic[T]):
         self._next: list[tuple[Item[T], asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
 
-    async def __call__(self, value: T) -> None:
+    async def __call__(self, value: T) -> Any:
         written = asyncio.get_running_loop().create_future()
         written.add_done_callback(_retrieved)  # if its caller stopped waiting for it
-        self._next.append((Item(value), written))
+        self._next.append((item := Item(value), written))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_batches())
         # A caller that stops waiting leaves its item in the batch: it is written anyway.
         await asyncio.shield(written)
+        return item.result
 
     async def _write_batches(self) -> None:
         try:

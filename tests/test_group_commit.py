@@ -106,3 +106,16 @@ async def test_a_failure_that_is_no_items_fault_fails_the_batch_without_writing_
         with pytest.raises(Unreachable):
             await waiting
     assert attempts == [["first"], ["b", "c"]]
+
+
+async def test_each_caller_gets_back_what_the_write_gave_its_own_item():
+    async def write(batch: list[Item[str]]) -> None:
+        await asyncio.sleep(0.01)
+        for item in batch:
+            item.result = f"claimed {item.value} in a batch of {len(batch)}"
+
+    group = GroupCommit(write)
+    first = asyncio.create_task(group("t1"))
+    await asyncio.sleep(0.005)
+    assert await asyncio.gather(first, group("t2"), group("t3")) == [
+        "claimed t1 in a batch of 1", "claimed t2 in a batch of 2", "claimed t3 in a batch of 2"]

@@ -117,7 +117,9 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def write_published(batch: list[Item[dict]]) -> None:
         async with database.autocommit(engine) as conn:  # one statement
-            await state.record_published(conn, [item.value for item in batch])
+            # In the order of their task ids, as a worker claims them (see its write_claims).
+            await state.record_published(conn, sorted((item.value for item in batch),
+                                                      key=lambda row: row["task_id"]))
 
     # The dispatches published while others are being recorded are recorded together.
     record_published = GroupCommit(write_published)

@@ -275,6 +275,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
 
     async def write_outcomes(batch: list[Item[Ended]]) -> None:
         async def once() -> None:
+            batch.sort(key=lambda item: item.value.outcome.task_id)  # see write_claims
             async with engine.begin() as conn:
                 copies = [await mark_ended(conn, item.value) for item in batch]
                 held = write_lock.held()
@@ -327,13 +328,25 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         # Should it record the dispatch (attempt 1), in the dispatch's trace.
         trace = telemetry.sender_carrier() if dispatch.attempt == 1 else None
         for pause in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 0):
-            async with engine.begin() as conn:
-                start = await starting_point(conn, dispatch.task, dispatch.attempt, instance_id,
-                                             key, settings.heartbeat_timeout, trace)
+            start = await claim_together((dispatch, trace))
             if start.dispatched:
                 break
             await asyncio.sleep(pause)
         return start
+
+    async def write_claims(batch: list[Item[tuple[DispatchTask, dict | None]]]) -> None:
+        """Claim attempts in one transaction, in the order of their task ids (on PostgreSQL
+        the orchestrator records the dispatches it publishes together in that order too: two
+        transactions writing the same rows take them in the same order)."""
+        async with engine.begin() as conn:
+            for item in sorted(batch, key=lambda item: item.value[0].task.task_id):
+                dispatch, trace = item.value
+                item.result = await starting_point(conn, dispatch.task, dispatch.attempt,
+                                                   instance_id, key, settings.heartbeat_timeout,
+                                                   trace)
+
+    # The attempts whose dispatches come while others are being claimed are claimed together.
+    claim_together = GroupCommit(write_claims)
 
     async def retry_later(dispatch: DispatchTask, error: TaskError, delay: float) -> None:
         """Tell the control plane and the orchestrator (which schedules the next attempt), in
