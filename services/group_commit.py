@@ -34,11 +34,11 @@ class Item(Generic[T]):
 
 class GroupCommit(Generic[T]):
     """`await group(value)` returns once `write` has written the batch `value` went in,
-    with what the write set as the item's `result`. A
-    batch whose write fails is written again one item at a time, so that an item fails for
-    its own fault alone (one whose state cannot be stored, say), with what its write
-    raised, and does not take the others down with it every time it comes again. Errors of
-    the kinds in `not_theirs` (the broker stayed unreachable, say) fail the whole batch.
+    with what the write set as the item's `result`. A batch whose write fails is written
+    again one item at a time, so that an item fails for its own fault alone (one whose
+    state cannot be stored, say), with what its write raised, and does not take the others
+    down with it every time it comes again. Errors of the kinds in `not_theirs` (the broker
+    stayed unreachable, say) fail the whole batch.
     """
 
     def __init__(self, write: Callable[[list[Item[T]]], Awaitable[None]], *,

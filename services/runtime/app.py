@@ -274,8 +274,9 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         await write_ended(Ended(outcome, streamed, session_state))
 
     async def write_outcomes(batch: list[Item[Ended]]) -> None:
+        batch.sort(key=lambda item: item.value.outcome.task_id)  # see write_claims
+
         async def once() -> None:
-            batch.sort(key=lambda item: item.value.outcome.task_id)  # see write_claims
             async with engine.begin() as conn:
                 copies = [await mark_ended(conn, item.value) for item in batch]
                 held = write_lock.held()
@@ -288,7 +289,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
 
         # While the broker is away the transaction is not held open: see write_lock.
         ids = ", ".join(item.value.outcome.task_id for item in batch)
-        await through_outages(settings, f"the outcome of task {ids}", once)
+        what = f"the outcome of task {ids}" if len(batch) == 1 else f"the outcomes of tasks {ids}"
+        await through_outages(settings, what, once)
 
     async def mark_ended(conn, ended: Ended) -> tuple[str, ...]:
         """Mark the attempt ended (and keep its session's state) if it is still the task's;
