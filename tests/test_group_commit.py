@@ -119,3 +119,12 @@ async def test_each_caller_gets_back_what_the_write_gave_its_own_item():
     await asyncio.sleep(0.005)
     assert await asyncio.gather(first, group("t2"), group("t3")) == [
         "claimed t1 in a batch of 1", "claimed t2 in a batch of 2", "claimed t3 in a batch of 2"]
+
+
+async def test_a_batch_is_written_in_the_order_its_key_gives():
+    writes = Writes()
+    group = GroupCommit(writes, key=str.lower)
+    first = asyncio.create_task(group("first"))
+    await asyncio.sleep(0.005)
+    await asyncio.gather(first, *(group(name) for name in ("t3", "T1", "t2")))
+    assert writes.batches == [["first"], ["T1", "t2", "t3"]]

@@ -130,13 +130,12 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 await publish(broker, settings, message, reply_to, key=message.data.task_id)
 
     async def write_each(batch: list[Item[NewTaskMessage | CompletedTaskMessage]]) -> None:
-        """Record tasks and outcomes in one transaction, in the order of their task ids (on
-        PostgreSQL each takes its task's lock: two replicas writing the same tasks take them
-        in the same order, and never wait for each other in a circle). What is said or sent
-        for one is said and sent in its own task's context (its trace, its log lines)."""
+        """Record tasks and outcomes in one transaction (in the order of their task ids: on
+        PostgreSQL each takes its task's lock). What is said or sent for one is said and
+        sent in its own task's context (its trace, its log lines)."""
         async with engine.begin() as conn:
             held = write_lock.held()
-            for item in sorted(batch, key=lambda item: item.value.data.task_id):
+            for item in batch:
                 message = item.value
                 if isinstance(message, NewTaskMessage):
                     await state.record_new_task(conn, message.data, message.publisher_id)
@@ -153,7 +152,8 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     # Tasks and outcomes that come while others are being recorded are recorded together:
     # under load one transaction (and, on SQLite, one turn of the write lock) for many.
-    write_together = GroupCommit(write_each, not_theirs=UNREACHABLE)
+    write_together = GroupCommit(write_each, not_theirs=UNREACHABLE,
+                                 key=lambda message: message.data.task_id)
 
     async def on_sent_event(message: SendEventMessage, body: bytes) -> None:
         """Keep the event in the task's inbox, pass it to the service, tell the sender.

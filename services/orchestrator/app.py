@@ -117,12 +117,11 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def write_published(batch: list[Item[dict]]) -> None:
         async with database.autocommit(engine) as conn:  # one statement
-            # In the order of their task ids, as a worker claims them (see its write_claims).
-            await state.record_published(conn, sorted((item.value for item in batch),
-                                                      key=lambda row: row["task_id"]))
+            await state.record_published(conn, [item.value for item in batch])
 
-    # The dispatches published while others are being recorded are recorded together.
-    record_published = GroupCommit(write_published)
+    # The dispatches published while others are being recorded are recorded together, in
+    # the order of their task ids, as a worker claims them.
+    record_published = GroupCommit(write_published, key=lambda row: row["task_id"])
 
     async def publish_first_attempt(task: NewTask) -> None:
         message = DispatchTaskMessage(

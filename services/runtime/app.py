@@ -274,8 +274,6 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         await write_ended(Ended(outcome, streamed, session_state))
 
     async def write_outcomes(batch: list[Item[Ended]]) -> None:
-        batch.sort(key=lambda item: item.value.outcome.task_id)  # see write_claims
-
         async def once() -> None:
             async with engine.begin() as conn:
                 copies = [await mark_ended(conn, item.value) for item in batch]
@@ -320,7 +318,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             await write_lock.within(held, publish(broker, settings, message, reports,
                                                   key=outcome.task_id, copy_to=copy_to))
 
-    write_ended = GroupCommit(write_outcomes, not_theirs=(PublishFailed,))
+    write_ended = GroupCommit(write_outcomes, not_theirs=(PublishFailed,),
+                              key=lambda ended: ended.outcome.task_id)
 
     async def claim(dispatch: DispatchTask) -> StartingPoint:
         """Claim the attempt. The orchestrator commits a first dispatch before publishing it,
@@ -337,18 +336,17 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         return start
 
     async def write_claims(batch: list[Item[tuple[DispatchTask, dict | None]]]) -> None:
-        """Claim attempts in one transaction, in the order of their task ids (on PostgreSQL
-        the orchestrator records the dispatches it publishes together in that order too: two
-        transactions writing the same rows take them in the same order)."""
+        """Claim attempts in one transaction (in the order of their task ids, as the
+        orchestrator records the dispatches it publishes together)."""
         async with engine.begin() as conn:
-            for item in sorted(batch, key=lambda item: item.value[0].task.task_id):
+            for item in batch:
                 dispatch, trace = item.value
                 item.result = await starting_point(conn, dispatch.task, dispatch.attempt,
                                                    instance_id, key, settings.heartbeat_timeout,
                                                    trace)
 
     # The attempts whose dispatches come while others are being claimed are claimed together.
-    claim_together = GroupCommit(write_claims)
+    claim_together = GroupCommit(write_claims, key=lambda claimed: claimed[0].task.task_id)
 
     async def retry_later(dispatch: DispatchTask, error: TaskError, delay: float) -> None:
         """Tell the control plane and the orchestrator (which schedules the next attempt), in
