@@ -11,6 +11,7 @@ from workflows.events import Event, StartEvent, StopEvent
 from conveyor.contracts import EventEnvelope, NewTask
 from conveyor.services.runtime.task_run import run_task
 from conveyor.services.runtime.worker import (
+    KeptRegistrations,
     ResultNotSerializable,
     WorkflowNotFound,
     envelope,
@@ -128,6 +129,18 @@ def test_load_workflow_calls_a_zero_argument_factory():
     loaded = load_workflow("tests.test_worker:make_greet")
     assert type(loaded) is Greet
     assert loaded is not load_workflow("tests.test_worker:make_greet")
+
+
+async def test_a_loaded_workflow_is_registered_once_for_all_its_runs(monkeypatch):
+    registered = []
+    register = KeptRegistrations.register
+    monkeypatch.setattr(KeptRegistrations, "register",
+                        lambda runtime, workflow: registered.append(workflow)
+                        or register(runtime, workflow))
+    loaded = load_workflow("tests.test_worker:make_greet")
+    results = [await loaded.run(name=name) for name in ("ada", "bob", "cy")]
+    assert results == [{"greeting": f"hello {name}"} for name in ("ada", "bob", "cy")]
+    assert registered == [loaded]  # BasicRuntime registers it twice per run
 
 
 def test_load_workflow_loads_the_shipped_example():
