@@ -97,6 +97,15 @@ class GroupCommit(Generic[T]):
             _settle(written)
 
 
+async def all_ended(started: list[asyncio.Task]) -> None:
+    """Wait until all the work started for a batch's items has ended (each publish confirmed
+    or failed, say, before the batch's transaction ends), then raise the first error, if
+    any."""
+    for ended in await asyncio.gather(*started, return_exceptions=True):
+        if isinstance(ended, BaseException):
+            raise ended
+
+
 def _settle(written: asyncio.Future, error: Exception | None = None) -> None:
     if written.done():
         return

@@ -30,6 +30,7 @@ from conveyor.contracts import (
     QueryMessage,
     QueryResult,
     QueryResultMessage,
+    QueueMessage,
     RegisterServiceMessage,
     ResumeTaskMessage,
     SendEventMessage,
@@ -53,7 +54,7 @@ from ..bus import (
     subscribe_system,
 )
 from ..dead_letters import reject
-from ..group_commit import GroupCommit, Item
+from ..group_commit import GroupCommit, Item, all_ended
 from ..ordering import InOrderPerKey, task_and_session
 from ..settings import Settings, load
 from . import cleanup, metrics, state
@@ -132,9 +133,11 @@ def create_app(settings: Settings | None = None) -> FastStream:
     async def write_each(batch: list[Item[NewTaskMessage | CompletedTaskMessage]]) -> None:
         """Record tasks and outcomes in one transaction (in the order of their task ids: on
         PostgreSQL each takes its task's lock). What is said or sent for one is said and
-        sent in its own task's context (its trace, its log lines)."""
+        sent in its own task's context (its trace, its log lines), the outcomes' sends in
+        flight at once."""
         async with engine.begin() as conn:
             held = write_lock.held()
+            telling = []
             for item in batch:
                 message = item.value
                 if isinstance(message, NewTaskMessage):
@@ -146,9 +149,13 @@ def create_app(settings: Settings | None = None) -> FastStream:
                     item.context.run(
                         log.info, "outcome of %s (attempt %d) not taken: recorded before, or "
                         "from a replaced attempt", outcome.task_id, outcome.attempt)
-                elif _anyone_to_tell(message, waiting):
-                    await item.start(write_lock.within(
-                        held, _tell_outcome(broker, settings, message, waiting)))
+                elif sends := _outcome_sends(message, waiting):
+                    telling.append(item.start(write_lock.within(held, publish_each(sends))))
+            await all_ended(telling)
+
+    async def publish_each(sends: list["Send"]) -> None:
+        for message, to, key in sends:
+            await publish(broker, settings, message, to, key=key)
 
     # Tasks and outcomes that come while others are being recorded are recorded together:
     # under load one transaction (and, on SQLite, one turn of the write lock) for many.
@@ -378,32 +385,26 @@ async def _replay(broker: Broker, settings: Settings, engine: "AsyncEngine",
                       query.reply_to, key=task_id)
 
 
-def _anyone_to_tell(message: CompletedTaskMessage, waiting: list[dict]) -> bool:
-    """Whether _tell_outcome has anyone to send the outcome to."""
-    return bool(waiting) or bool(message.data.reply_to and not message.data.replied)
+Send = tuple[QueueMessage, str, str | None]  # a message, its topic, its key
 
 
-async def _tell_outcome(
-    broker: Broker, settings: Settings, message: CompletedTaskMessage, waiting: list[dict]
-) -> None:
-    """Send the stored outcome to the task's reply_to (unless its worker did) and to
-    everyone waiting on it."""
+def _outcome_sends(message: CompletedTaskMessage, waiting: list[dict]) -> list[Send]:
+    """What tells the stored outcome to the task's reply_to (unless its worker did) and to
+    everyone waiting on it, in order: (message, topic, key) each."""
     outcome = message.data
+    sends: list[Send] = []
     if outcome.reply_to and not outcome.replied:
-        await publish(broker, settings, message, outcome.reply_to, key=outcome.task_id)
+        sends.append((message, outcome.reply_to, outcome.task_id))
     for watcher in waiting:
         if watcher["kind"] == "stream":
-            await publish(broker, settings, message, watcher["reply_to"], key=outcome.task_id)
+            sends.append((message, watcher["reply_to"], outcome.task_id))
             continue
         view = outcome.model_dump(mode="json", exclude={"reply_to", "attempt"})
-        await publish(
-            broker, settings,
-            QueryResultMessage(
-                type=QUERY, publisher_id=message.publisher_id,
-                data=QueryResult(request_id=watcher["request_id"], result=view),
-            ),
-            watcher["reply_to"],
-        )
+        answer = QueryResultMessage(type=QUERY, publisher_id=message.publisher_id,
+                                    data=QueryResult(request_id=watcher["request_id"],
+                                                     result=view))
+        sends.append((answer, watcher["reply_to"], None))
+    return sends
 
 
 def __getattr__(name: str) -> FastStream:

@@ -65,7 +65,7 @@ from ..bus import (
 )
 from ..checkpoints import StaleAttempt
 from ..dead_letters import reject
-from ..group_commit import GroupCommit, Item
+from ..group_commit import GroupCommit, Item, all_ended
 from ..orchestrator.state import waiting_behind
 from ..settings import ConfigurationError, load
 from .described import describe_workflow
@@ -280,10 +280,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                 held = write_lock.held()
                 sends = [item.start(send_outcome(item.value.outcome, copy_to, held))
                          for item, copy_to in zip(batch, copies, strict=True)]
-                # Each publish ends (confirmed or failed) before the transaction does.
-                for sent in await asyncio.gather(*sends, return_exceptions=True):
-                    if isinstance(sent, BaseException):
-                        raise sent
+                await all_ended(sends)  # each confirmed or failed before the commit
 
         # While the broker is away the transaction is not held open: see write_lock.
         ids = ", ".join(item.value.outcome.task_id for item in batch)
