@@ -7,7 +7,7 @@ import contextvars
 
 import pytest
 
-from conveyor.services.group_commit import GroupCommit, Item
+from conveyor.services.group_commit import GroupCommit, Item, all_ended
 
 whose = contextvars.ContextVar("whose", default="nobody")
 
@@ -128,3 +128,20 @@ async def test_a_batch_is_written_in_the_order_its_key_gives():
     await asyncio.sleep(0.005)
     await asyncio.gather(first, *(group(name) for name in ("t3", "T1", "t2")))
     assert writes.batches == [["first"], ["T1", "t2", "t3"]]
+
+
+async def test_all_ended_lets_every_work_end_then_raises_the_first_error():
+    ended = []
+
+    async def work(name: str, seconds: float, error: Exception | None = None) -> None:
+        await asyncio.sleep(seconds)
+        ended.append(name)
+        if error is not None:
+            raise error
+
+    started = [asyncio.create_task(work("slow", 0.05)),
+               asyncio.create_task(work("failed", 0.01, RuntimeError("broker said no"))),
+               asyncio.create_task(work("failed later", 0.02, ValueError("too big")))]
+    with pytest.raises(RuntimeError, match="broker said no"):
+        await all_ended(started)
+    assert sorted(ended) == ["failed", "failed later", "slow"]
