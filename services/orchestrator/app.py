@@ -85,6 +85,11 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 known.update(await state.known_services(conn))
         return service in known
 
+    def nothing_waits_behind(session_id: str | None, service: str) -> bool:
+        """No task can be held waiting for a task of this session and service to end: it has
+        no session, and its service is known to have no limit across its replicas."""
+        return session_id is None and service in known and not known[service]
+
     async def dispatch(task: NewTask) -> None:
         limit = known.get(task.service)
         # A task that waits for nothing (no session, no limit on its service) is published
@@ -95,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         # again, it is published again (the first kind), or finds its dispatch untaken and
         # sends it again; a worker runs an attempt once however many copies of its dispatch
         # arrive, and never one that has ended.
-        at_once = task.session_id is None and not limit
+        at_once = nothing_waits_behind(task.session_id, task.service)
         if at_once:
             await publish_first_attempt(task)
             await record_published(state.first_dispatch(
@@ -170,6 +175,13 @@ def create_app(settings: Settings | None = None) -> FastStream:
                     await dispatch(task)
                 else:
                     await fail_unknown(task, body)
+            case CompletedTaskMessage(data=outcome) if (
+                    outcome.attempt and nothing_waits_behind(outcome.session_id, outcome.service)):
+                # Its worker marked the attempt ended, and no task waits for it. On RabbitMQ
+                # such an outcome never comes here (the worker copies an outcome to the
+                # orchestrator only when a task waits behind it); on Kafka every outcome
+                # does, on the front door, and writing each again cost a transaction per task.
+                pass
             case CompletedTaskMessage(data=outcome):
                 async with engine.begin() as conn:
                     await state.mark_finished(conn, outcome.task_id, outcome.attempt)
