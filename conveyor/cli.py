@@ -40,6 +40,7 @@ def _serve(make_app: Callable[[], Any]) -> None:
         faststream_app = make_app()
     except (ConfigurationError, InvalidName, ImportError) as exc:
         fail(exc)
+    faststream_app.after_startup(running.settle_heap)
     async def run() -> None:
         try:
             await faststream_app.run()

