@@ -135,7 +135,7 @@ def gateway(
         server = uvicorn.Server(uvicorn.Config(
             create_app(settings, client), host=settings.gateway_host,
             port=settings.gateway_port, log_config=None, timeout_graceful_shutdown=5))
-        running.settle_heap()  # as every part does once started
+        running.settle_heap()  # its broker client started and its app built, as in _serve
         try:
             await server.serve()
         finally:
