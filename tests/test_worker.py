@@ -1,5 +1,6 @@
 """The workflow runner without a broker: loading MODULE:ATTR and running one task."""
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,7 +10,7 @@ from workflows import Context, Workflow, step
 from workflows.events import Event, StartEvent, StopEvent
 
 from conveyor.contracts import EventEnvelope, NewTask
-from conveyor.services.runtime.task_run import run_task
+from conveyor.services.runtime.task_run import TaskRun, run_task
 from conveyor.services.runtime.worker import (
     KeptRegistrations,
     ResultNotSerializable,
@@ -99,6 +100,23 @@ class Summarizing(Workflow):
     @step
     async def summarize(self, ev: StartEvent) -> Summary:
         return Summary(total=len(ev.get("items")))
+
+
+class Noted(Event):
+    pass
+
+
+class Remembering(Workflow):
+    """Keeps its input's name in the state in one step and greets by it in the next."""
+
+    @step
+    async def keep(self, ctx: Context, ev: StartEvent) -> Noted:
+        await ctx.store.set("name", ev.get("name"))
+        return Noted()
+
+    @step
+    async def greet(self, ctx: Context, ev: Noted) -> StopEvent:
+        return StopEvent(result={"greeting": f"hello {await ctx.store.get('name')}"})
 
 
 def task(**input_) -> NewTask:
@@ -250,3 +268,53 @@ async def test_a_failing_on_event_stops_the_run_and_propagates():
 
     with pytest.raises(ConsumerGone):
         await run_task(Counting(timeout=10), task(count=3), refuse)
+
+
+# checkpoints of a run
+
+
+class Kept:
+    def __init__(self) -> None:
+        self.contexts: list[dict[str, Any]] = []
+
+    async def __call__(self, context: dict[str, Any], _inbox_seq: int) -> None:
+        self.contexts.append(context)
+
+
+async def test_a_run_checkpoints_after_each_step_and_resumes_from_any():
+    kept = Kept()
+    given = task(name="ada")
+    assert await TaskRun(Remembering(timeout=10), given, Collector(),
+                         on_checkpoint=kept).run() == {"greeting": "hello ada"}
+    assert len(kept.contexts) == 1  # after `keep`; none after the step that ends the run
+    resumed = TaskRun(Remembering(timeout=10), given, Collector(), resume_from=kept.contexts[0])
+    assert await resumed.run() == {"greeting": "hello ada"}
+    assert list(resumed.steps) == ["greet"]
+
+
+async def test_a_run_not_begun_or_ended_leaves_no_checkpoint():
+    # A stop or a pause just as a run starts, or just as it ends, asks for a checkpoint: a
+    # context without its start event, or without work, would run again from an empty one.
+    kept = Kept()
+    run = TaskRun(Remembering(timeout=10), task(name="ada"), Collector(), on_checkpoint=kept)
+    runner = asyncio.create_task(run.run())
+    await asyncio.sleep(0)  # the run is handed to the workflow; no step has begun
+    await run.checkpoint()
+    assert kept.contexts == []
+    await runner
+    after_steps = len(kept.contexts)
+    await run.checkpoint()
+    assert len(kept.contexts) == after_steps == 1
+
+
+async def test_a_context_kept_before_its_run_began_runs_from_the_task_input():
+    # As an earlier version kept it: the run then began afresh, with its state.
+    workflow = Remembering(timeout=10)
+    before = Context(workflow)
+    await before.store.set("seen", "before")
+    context = before.to_dict()
+    assert context["is_running"] is False
+    run = TaskRun(workflow, task(name="ada"), Collector(), resume_from=context)
+    assert await run.run() == {"greeting": "hello ada"}
+    assert list(run.steps) == ["keep", "greet"]
+    assert run.context_state()["state_data"]["_data"]["seen"] == '"before"'

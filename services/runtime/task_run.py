@@ -185,11 +185,12 @@ class TaskRun:
                 timer.cancel()
 
     async def _run(self) -> Any:
-        if self.resume_from is not None:
+        if self.resume_from is not None and self.resume_from.get("is_running"):
             ctx = Context.from_dict(self.workflow, self.resume_from)
             self._handler = handler = self.workflow.run(ctx=ctx)
-        else:
-            ctx = Context.from_dict(self.workflow, {"state": self.state}) if self.state else None
+        else:  # a context kept before its run began holds no start event: begun afresh
+            kept = self.resume_from or ({"state": self.state} if self.state else None)
+            ctx = Context.from_dict(self.workflow, kept) if kept else None
             # The start event is built here, so that input fields named like run()'s own
             # arguments (ctx, start_event, run_id) reach the workflow as fields.
             start = self.workflow.start_event_class(**self.task.input)
@@ -231,9 +232,15 @@ class TaskRun:
             await self.checkpoint()
 
     async def checkpoint(self) -> None:
-        """Hand the run's Context, as it is now, to on_checkpoint."""
-        if self.on_checkpoint and self._handler is not None:
-            await self.on_checkpoint(self._handler.ctx.to_dict(), self.inbox_seq)
+        """Hand the run's Context, as it is now, to on_checkpoint: only while the run is
+        under way. A context taken before its run began (a stop or a pause just after the
+        start) holds no start event, and one taken once it ended holds no work: resumed,
+        either would run the workflow again from an empty StartEvent."""
+        if self.on_checkpoint is None or self._handler is None:
+            return
+        context = self._handler.ctx.to_dict()
+        if context.get("is_running"):
+            await self.on_checkpoint(context, self.inbox_seq)
 
     def _step_overdue(self, step: str) -> None:
         self._overdue = StepTimeout(
