@@ -66,9 +66,17 @@ _LAST = select(checkpoints).where(checkpoints.c.task_id == bindparam("checkpoint
 _ATTEMPT = select(dispatches.c.attempt).where(dispatches.c.task_id == bindparam("dispatched"))
 
 
-async def current_attempt(conn: AsyncConnection, task_id: str) -> int | None:
-    found = await conn.execute(_ATTEMPT, {"dispatched": task_id})
-    return found.scalar_one_or_none()
+async def replaced(conn: AsyncConnection, task_id: str, attempt: int) -> bool:
+    """Whether the orchestrator has dispatched a later attempt than `attempt` (counted when
+    so: what a replaced attempt reports is not taken). Attempt 0 is not a worker's: the
+    orchestrator's own outcomes (cancelled, unknown service) are never stale."""
+    if attempt <= 0:
+        return False
+    current = (await conn.execute(_ATTEMPT, {"dispatched": task_id})).scalar_one_or_none()
+    if current is None or current <= attempt:
+        return False
+    await counters.add(conn, counters.STALE_REJECTED)
+    return True
 
 
 async def save(
@@ -80,12 +88,11 @@ async def save(
     *,
     inbox_seq: int,
     streamed: int,
-) -> None:
-    """Keep the context of `attempt`; raises StaleAttempt if a later attempt was dispatched."""
-    current = await current_attempt(conn, task_id)
-    if current is not None and current > attempt:
-        await counters.add(conn, counters.STALE_REJECTED)
-        raise StaleAttempt(f"attempt {attempt} of task {task_id} was replaced by {current}")
+) -> bool:
+    """Keep the context of `attempt`; False (and counted) if a later attempt was dispatched:
+    the caller commits the count, then stops the attempt."""
+    if await replaced(conn, task_id, attempt):
+        return False
     text = json.dumps(context, separators=(",", ":"))
     values = {
         "attempt": attempt, "inbox_seq": inbox_seq, "streamed": streamed, "context": text,
@@ -93,6 +100,7 @@ async def save(
     }
     statement = upsert(conn.dialect.name, checkpoints, ("task_id",), tuple(values), ("steps",))
     await conn.execute(statement, {"task_id": task_id, "steps": 1, **values})
+    return True
 
 
 async def load(conn: AsyncConnection, key: bytes, task_id: str) -> Checkpoint | None:

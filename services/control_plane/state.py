@@ -24,7 +24,7 @@ from conveyor.contracts import (
     TaskStream,
 )
 
-from .. import checkpoints, counters
+from .. import checkpoints
 from ..database import (
     attempt_errors,
     dead_letters,
@@ -119,7 +119,7 @@ _FILLED_IN = (update(tasks)
 _END = (update(tasks)
         .where(tasks.c.task_id == bindparam("ended_task"),
                tasks.c.status.not_in([literal(status) for status in FINAL_STATUSES])))
-# ...unless the orchestrator has dispatched a later attempt (see _stale).
+# ...unless the orchestrator has dispatched a later attempt (see checkpoints.replaced).
 _END_IF_CURRENT = _END.where(~exists().where(
     dispatches.c.task_id == bindparam("ended_task"),
     dispatches.c.attempt > bindparam("ended_attempt")))
@@ -153,7 +153,7 @@ async def record_outcome(
     if stored.rowcount == 0:
         # Its attempt was replaced, it has no record yet (the outcome overtook its
         # NEW_TASK), or it has ended already.
-        if await _stale(conn, outcome.task_id, outcome.attempt):
+        if await checkpoints.replaced(conn, outcome.task_id, outcome.attempt):
             return None
         await _insert_once(
             conn, tasks, task_id=outcome.task_id, service=outcome.service,
@@ -176,21 +176,9 @@ async def record_outcome(
             for w in waiting]
 
 
-async def _stale(conn: AsyncConnection, task_id: str, attempt: int) -> bool:
-    """Whether `attempt` of a task was replaced (counted when so). Attempt 0 is not a
-    worker's: the orchestrator's own outcomes (cancelled, unknown service) are never stale."""
-    if attempt <= 0:
-        return False
-    current = await checkpoints.current_attempt(conn, task_id)
-    if current is None or current <= attempt:
-        return False
-    await counters.add(conn, counters.STALE_REJECTED)
-    return True
-
-
 async def append_event(conn: AsyncConnection, stream: TaskStream) -> bool:
     """Store a streamed event; False (and counted) if its attempt was replaced."""
-    if await _stale(conn, stream.task_id, stream.attempt):
+    if await checkpoints.replaced(conn, stream.task_id, stream.attempt):
         return False
     await _insert_once(conn, events, task_id=stream.task_id, idx=stream.index,
                        event=stream.event.model_dump(), created_at=now())

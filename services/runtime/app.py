@@ -182,15 +182,12 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             status="completed", attempt=dispatch.attempt, reply_to=task.reply_to,
         )
         async def checkpoint(context: dict, inbox_seq: int) -> None:
-            refused = None
             async with engine.begin() as conn:
-                try:
-                    await checkpoints.save(conn, key, task.task_id, dispatch.attempt, context,
-                                           inbox_seq=inbox_seq, streamed=index)
-                except StaleAttempt as exc:  # raised once committed: the refusal is counted
-                    refused = exc
-            if refused is not None:
-                raise refused
+                kept = await checkpoints.save(conn, key, task.task_id, dispatch.attempt,
+                                              context, inbox_seq=inbox_seq, streamed=index)
+            if not kept:  # raised once the refusal's count is committed
+                raise StaleAttempt(f"attempt {dispatch.attempt} of task {task.task_id} was "
+                                   "replaced: its checkpoint is refused")
 
         task_run = session_state = None
         try:
