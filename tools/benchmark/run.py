@@ -15,7 +15,7 @@ from rich.console import Console
 from .bare_path import bare_path
 from .floor import HOPS, bare_hop, workflow_run
 from .latency import raw_publisher, via_client, via_raw_json
-from .load import bare_in_flight, in_flight, queued
+from .load import at_rest, bare_in_flight, in_flight, queued
 from .parts import ECHO, BrokerServer, Deployment, PeakRss, forget_namespace, rss_mb
 from .recovery import SERVICE as RESUMABLE_SERVICE
 from .recovery import resume_after_kill9
@@ -149,7 +149,8 @@ async def _deployment(broker: str, deployment: Deployment, server: BrokerServer,
             processes["broker"] = server.process()
             with_client = {**processes, "client": psutil.Process(), **server_process()}
             for rep in reps:
-                await asyncio.sleep(1.0)  # idle: nothing in flight
+                await at_rest(processes)  # nothing in flight, nothing left to record
+                await asyncio.sleep(1.0)
                 for part, mb in rss_mb(processes).items():
                     results.add(f"rss_idle_{part}", broker, mb)
                 _latency(broker, "client", await via_client(client, sizes.sequential, tally),
