@@ -299,6 +299,7 @@ async def test_a_run_not_begun_or_ended_leaves_no_checkpoint():
     run = TaskRun(Remembering(timeout=10), task(name="ada"), Collector(), on_checkpoint=kept)
     runner = asyncio.create_task(run.run())
     await asyncio.sleep(0)  # the run is handed to the workflow; no step has begun
+    assert run._handler is not None and not kept.contexts
     await run.checkpoint()
     assert kept.contexts == []
     await runner

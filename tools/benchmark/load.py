@@ -93,6 +93,8 @@ async def at_rest(processes: dict[str, psutil.Process], limit: float = 300) -> f
     `limit`); returns when (perf_counter) the last of them was last seen busy."""
     parts = {name: process for name, process in processes.items() if name in PARTS}
     last_busy = time.perf_counter()
+    if not parts:  # the bare path, or a load measured without its parts: nothing to wait on
+        return last_busy
     deadline = last_busy + limit
     window = QUIET / 4
     while (now := time.perf_counter()) - last_busy < QUIET and now < deadline:
