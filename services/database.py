@@ -32,6 +32,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
 )
 from sqlalchemy.dialects import sqlite
@@ -452,6 +453,7 @@ async def connect(state_url: str, namespace: str | None = None) -> "AsyncEngine"
                     # Parts starting together take turns: one creates, the others find.
                     await conn.execute(select(func.pg_advisory_xact_lock(CREATE_LOCK)))
                 await conn.run_sync(metadata.create_all)
+                await conn.run_sync(_check_columns, state_url)
                 if namespace is not None:
                     await _check_owner(conn, state_url, namespace)
             return engine
@@ -469,6 +471,24 @@ async def connect(state_url: str, namespace: str | None = None) -> "AsyncEngine"
                 f"state store {state_url!r} cannot be reached: {type(exc).__name__}: {exc}"
             ) from None
     return engine
+
+
+def _check_columns(conn: Connection, state_url: str) -> None:
+    """Every column this version writes is in the store. `create_all` makes missing tables,
+    never missing columns: a store made by an earlier version would fail on the first task
+    that writes one, with an error naming only SQL."""
+    found = inspect(conn).get_multi_columns(filter_names=list(metadata.tables))
+    lacking = []
+    for name, table in metadata.tables.items():
+        there = {column["name"] for column in found.get((None, name), ())}
+        if missing := [column.name for column in table.columns if column.name not in there]:
+            lacking.append(f"table {name} lacks {', '.join(missing)}")
+    if lacking:
+        raise ConfigurationError(
+            f"state store {state_url!r} was made by another version of Conveyor "
+            f"({'; '.join(lacking)}): give this version a CONVEYOR_STATE_URL of its own, or "
+            f"add those columns to the store"
+        )
 
 
 async def _check_owner(conn: "AsyncConnection", state_url: str, namespace: str) -> None:

@@ -835,3 +835,36 @@ async def test_a_state_store_holds_one_namespace_and_refuses_another(request, tm
     print(f"found: {refused.value}")
     assert "holds the state of namespace 'blue', not 'green'" in str(refused.value)
     assert "CONVEYOR_STATE_URL of its own" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def test_a_state_store_made_by_another_version_is_refused_naming_what_it_lacks(
+        request, tmp_path, backend):
+    # create_all makes missing tables, never missing columns: a store from a version before
+    # a column was added must be refused at start, not fail on the first task that writes it.
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = await database.connect(url)
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE checkpoints DROP COLUMN streamed"))
+        await conn.execute(text("ALTER TABLE tasks DROP COLUMN steps"))
+    try:
+        with pytest.raises(ConfigurationError) as refused:
+            await database.connect(url, "blue")
+    finally:
+        async with engine.begin() as conn:  # the PostgreSQL database is the session's
+            await conn.execute(text(
+                "ALTER TABLE checkpoints ADD COLUMN streamed INTEGER NOT NULL DEFAULT 0"))
+            await conn.execute(text("ALTER TABLE tasks ADD COLUMN steps JSON"))
+        await engine.dispose()
+    print(f"found: {refused.value}")
+    assert "made by another version of Conveyor" in str(refused.value)
+    assert "table tasks lacks steps" in str(refused.value)
+    assert "table checkpoints lacks streamed" in str(refused.value)
+    again = await database.connect(url, "blue")  # whole again: taken
+    async with again.begin() as conn:
+        await conn.execute(database.owner.delete())
+    await again.dispose()
