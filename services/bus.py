@@ -302,6 +302,7 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
         group_id=group,
         ack_policy=AckPolicy.NACK_ON_ERROR,
         parser=broker.commits.parser,
+        listener=broker.commits.listener(),
         session_timeout_ms=6_000,
         heartbeat_interval_ms=1_000,
         **options,

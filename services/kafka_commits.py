@@ -12,14 +12,16 @@ partition's committed offset only moves forward. What is committed is the offset
 last message handled on each partition, never the consumer's position (which may be past a
 message still being handled), so a crash or a rebalance loses nothing: the messages handled
 since the last commit are delivered again, and every handler takes a duplicate as one (on
-message and task id). A stopping part commits what it has handled before it leaves.
+message and task id). A stopping part commits what it has handled before it leaves, and a
+consumer whose partitions are about to move to another member (one joined or left) before
+they move, so that the member taking them starts after what this one has handled.
 """
 
 import asyncio
 import logging
 from typing import Any
 
-from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 log = logging.getLogger("conveyor.bus")
 
@@ -119,4 +121,22 @@ class CommitsInBatches:
         """Commit what is handled, and from now on wait for each message's commit (the
         subscribers are about to stop, after the messages in hand)."""
         self._stopping = True
+        await self.commit_handled()
+
+    async def commit_handled(self) -> None:
         await asyncio.gather(*(pending.flush() for pending in self._pending.values()))
+
+    def listener(self) -> ConsumerRebalanceListener:
+        """For a group subscriber: what is handled is committed before its partitions move."""
+        return _CommitBeforeRevoke(self)
+
+
+class _CommitBeforeRevoke(ConsumerRebalanceListener):
+    def __init__(self, batches: CommitsInBatches) -> None:
+        self._batches = batches
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._batches.commit_handled()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        pass

@@ -7,7 +7,7 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from conveyor.services import bus
+from conveyor.services import bus, kafka_commits
 from conveyor.services.settings import load
 
 from .deployment import eventually
@@ -60,3 +60,45 @@ async def test_a_kafka_group_never_commits_past_a_message_still_being_handled(ka
           f"{after_stop} after the stop")
     assert while_blocked == 5  # messages 0 to 4: delivered again after a crash, 5 with them
     assert after_stop == 10
+
+
+async def test_what_a_kafka_member_has_handled_is_committed_before_its_partitions_move(
+        kafka_url, monkeypatch):
+    # Messages that come quickly only have their offsets noted, for a later commit; the
+    # interval is stretched here so that only the rebalance can commit them in this test.
+    monkeypatch.setattr(kafka_commits, "COMMIT_EVERY", 120.0)
+    settings = load(broker_url=kafka_url, namespace=f"kc{uuid.uuid4().hex[:8]}")
+    topic, group = f"{settings.namespace}.work", f"{settings.namespace}.work.part"
+    broker = bus.create_broker(settings, "test")
+    handled = []
+
+    @bus.subscribe(broker, settings, topic, group)
+    async def handler(body: bytes) -> None:
+        handled.append(body)
+
+    newcomer = AIOKafkaConsumer(topic, bootstrap_servers=kafka_url.removeprefix("kafka://"),
+                                group_id=group, enable_auto_commit=False)
+    await broker.start()
+    try:
+        await asyncio.gather(*(broker.publish(str(n).encode(), topic, key=b"one task")
+                               for n in range(10)))
+
+        async def all_handled() -> bool:
+            return len(handled) == 10
+
+        await eventually(all_handled)
+        before = await committed(kafka_url, topic, group)
+        await newcomer.start()  # joins the group: the partitions are dealt again
+
+        async def dealt() -> bool:
+            return bool(newcomer.assignment())
+
+        await eventually(dealt, timeout=30)
+        after = await committed(kafka_url, topic, group)
+    finally:
+        await newcomer.stop()
+        await broker.stop()
+    print(f"found: committed {before} once all 10 were handled, {after} once another "
+          f"member had joined")
+    assert before < 10  # the quick ones were waiting for their commit
+    assert after == 10
