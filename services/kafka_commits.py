@@ -27,6 +27,9 @@ log = logging.getLogger("conveyor.bus")
 
 BUSY_GAP = 0.003  # seconds between two messages under which a consumer counts as busy
 COMMIT_EVERY = 0.01  # seconds a busy consumer's handled messages wait for their commit
+# Seconds a rebalance waits for the commit of what was handled (the broker may be away):
+# past that the partitions move, and those messages are delivered again.
+REVOKE_WAIT = 5.0
 
 
 class _Pending:
@@ -136,7 +139,8 @@ class _CommitBeforeRevoke(ConsumerRebalanceListener):
         self._batches = batches
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._batches.commit_handled()
+        committing = asyncio.ensure_future(self._batches.commit_handled())
+        await asyncio.wait({committing}, timeout=REVOKE_WAIT)  # not cancelled past it
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         pass
