@@ -57,6 +57,7 @@ from ..group_commit import GroupCommit, Item
 from ..ordering import InOrderPerKey, task_and_session
 from ..settings import Settings, load
 from . import state
+from .wall_clock import WallClock
 
 if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -313,11 +314,18 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 known[beat.service] = beat.max_concurrent_tasks
 
     async def recover_forever() -> None:
-        """Re-dispatch, as their next attempt, the tasks whose worker stopped heartbeating."""
+        """Re-dispatch, as their next attempt, the tasks whose worker stopped heartbeating:
+        once the wall clock has been steady for a heartbeat timeout (see wall_clock)."""
+        clock = WallClock()
         while True:
             await asyncio.sleep(settings.heartbeat_interval)
             try:
-                await recover_expired()
+                if (steady := clock.steady_for()) >= settings.heartbeat_timeout:
+                    await recover_expired()
+                elif steady < settings.heartbeat_interval:
+                    log.warning("the wall clock stepped (the machine slept, or the clock was "
+                                "set): leases are judged again once it has run steadily for "
+                                "%.0f s", settings.heartbeat_timeout)
                 await dispatch_due()
                 await release_held()
             except Exception:  # the next sweep tries again
