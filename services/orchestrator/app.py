@@ -322,7 +322,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
             try:
                 if (steady := clock.steady_for()) >= settings.heartbeat_timeout:
                     await recover_expired()
-                elif steady < settings.heartbeat_interval:
+                elif steady == 0:  # the step was seen just now
                     log.warning("the wall clock stepped (the machine slept, or the clock was "
                                 "set): leases are judged again once it has run steadily for "
                                 "%.0f s", settings.heartbeat_timeout)

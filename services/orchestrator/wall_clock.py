@@ -26,7 +26,8 @@ class WallClock:
         self._steady_since = float("-inf")  # no step seen yet
 
     def steady_for(self) -> float:
-        """Seconds since the wall clock last stepped; infinite until it has."""
+        """Seconds since the wall clock last stepped (0 on the look that sees the step);
+        infinite until it has."""
         now = self._monotonic()
         apart = self._wall() - now
         if abs(apart - self._apart) > STEP:
