@@ -9,7 +9,7 @@ from ..settings import Settings
 class RuntimeSettings(Settings):
     service_name: str = Field(default="", description="the service's name (--name)")
     workflow: str = Field(default="", description="MODULE:ATTR of the workflow (or its factory)")
-    max_concurrent_tasks: int = Field(default=64, ge=1, description="tasks this replica runs "
+    max_concurrent_tasks: int = Field(default=32, ge=1, description="tasks this replica runs "
                                       "at once")
     service_max_concurrent_tasks: int | None = Field(
         default=None, ge=1, description="tasks of the service that run at once across all its "
