@@ -1,12 +1,13 @@
 """Whether the wall clock has run on steadily: leases are moments of the wall clock, and
 they cannot be judged across a step of it.
 
-A machine suspended and woken (a laptop's lid closed, a VM paused) finds its wall clock
-moved on by the time it slept, while its monotonic clock did not count it: every lease
-renewed before then looks silent for that long, though no worker could renew it meanwhile.
-So does a clock set by hand. The workers renew within a heartbeat interval of waking (their
-timers run on the monotonic clock), but the sweep may come first and take every running
-task from its live worker. A sweep asks first how long the clock has been steady.
+A machine suspended and woken (a laptop's lid closed) finds its wall clock moved on by the
+time it slept, while its monotonic clock did not count it: every lease renewed before then
+looks silent for that long, though no worker could renew it meanwhile. So does a VM that
+was paused, once its clock is set right, and a clock set by hand. The workers renew within
+a heartbeat interval of waking (their timers run on the monotonic clock), but the sweep may
+come first and take every running task from its live worker. A sweep asks first how long
+the clock has been steady.
 """
 
 import time
