@@ -5,6 +5,7 @@ import contextlib
 import os
 import signal
 import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -223,12 +224,16 @@ async def sigterm_the_holder(deployment, client, task_id: str, log, grace: str,
     seconds it took to exit."""
     await eventually(lambda: both_alive(client), timeout=60)
     await eventually(lambda: noted(log, "two"), timeout=60)
+    in_step_two = datetime.now(UTC)
     await eventually(lambda: client.checkpoint(task_id), timeout=30)
     pids = {p.pid: part for part, p in deployment.processes.items()}
 
     async def holder() -> str | None:
+        # Only heartbeats sent during step two count: one sent before may still show the
+        # other replica running the task that checked the deployment was ready.
         found = {s["name"]: s for s in await client.list_services()}["stepper"]
-        busy = [pids[i["pid"]] for i in found["instances"] if i["alive"] and i["running"]]
+        busy = [pids[i["pid"]] for i in found["instances"] if i["alive"] and i["running"]
+                and datetime.fromisoformat(i["last_heartbeat"]) > in_step_two]
         return busy[0] if busy else None
 
     part = await eventually(holder, timeout=30)
