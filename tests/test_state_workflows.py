@@ -381,6 +381,23 @@ async def test_an_attempt_whose_holder_went_silent_or_let_go_is_claimed_by_anoth
     assert lease.instance_id == "i-3"
 
 
+async def test_no_holder_is_judged_silent_while_the_claimers_wall_clock_has_just_stepped(engine):
+    # The worker passes no lease timeout then (services/wall_clock.py): its holder, asleep
+    # with the same machine, may not have renewed yet.
+    async with engine.begin() as conn:
+        await orchestrator_state.claim_first_dispatch(conn, "t1", "echo")
+        await starting_point(conn, new_task(), 1, "i-1", KEY, LEASE)
+        await conn.execute(database.dispatches.update().values(
+            heartbeat_at=database.now() - timedelta(hours=1)))
+        not_judged = await starting_point(conn, new_task(), 1, "i-2", KEY, None)
+        own = await starting_point(conn, new_task(), 1, "i-1", KEY, None)
+    assert not_judged.skip == "instance i-1 holds it and is alive" and not_judged.dispatched
+    assert own.skip is None
+    async with engine.connect() as conn:
+        lease = (await conn.execute(database.dispatches.select())).one()
+    assert lease.instance_id == "i-1"
+
+
 async def test_a_first_attempt_its_worker_gets_before_the_orchestrator_records_it_is_claimed(
     engine,
 ):

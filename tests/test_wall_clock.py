@@ -1,7 +1,8 @@
-"""The orchestrator's watch on the wall clock (services/orchestrator/wall_clock.py), on
-simulated clocks: a machine's sleep or a clock set by hand cannot be caused here."""
+"""The watch on the wall clock that the orchestrator's sweep and a worker's claim keep
+(services/wall_clock.py), on simulated clocks: a machine's sleep or a clock set by hand
+cannot be caused here."""
 
-from conveyor.services.orchestrator.wall_clock import WallClock
+from conveyor.services.wall_clock import WallClock
 
 
 class Clocks:

@@ -56,8 +56,8 @@ from ..dead_letters import reject
 from ..group_commit import GroupCommit, Item
 from ..ordering import InOrderPerKey, task_and_session
 from ..settings import Settings, load
+from ..wall_clock import WallClock
 from . import state
-from .wall_clock import WallClock
 
 if TYPE_CHECKING:  # the async engine's module is imported for PostgreSQL only
     from sqlalchemy.ext.asyncio import AsyncEngine

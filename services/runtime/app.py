@@ -68,6 +68,7 @@ from ..dead_letters import reject
 from ..group_commit import GroupCommit, Item, all_ended
 from ..orchestrator.state import waiting_behind
 from ..settings import ConfigurationError, load
+from ..wall_clock import WallClock
 from .described import describe_workflow
 from .settings import RuntimeSettings
 from .starting_point import StartingPoint, release, renew, reported, starting_point
@@ -321,6 +322,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     write_ended = GroupCommit(write_outcomes, not_theirs=(PublishFailed,),
                               key=lambda ended: ended.outcome.task_id)
 
+    clock = WallClock()  # whether a holder that looks silent can be judged so (write_claims)
+
     async def claim(dispatch: DispatchTask) -> StartingPoint:
         """Claim the attempt. The orchestrator commits a first dispatch before publishing it,
         and a later attempt just after the broker has it (or rolls it back, to dispatch it
@@ -337,13 +340,16 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
 
     async def write_claims(batch: list[Item[tuple[DispatchTask, dict | None]]]) -> None:
         """Claim attempts in one transaction (in the order of their task ids, as the
-        orchestrator records the dispatches it publishes together)."""
+        orchestrator records the dispatches it publishes together). An attempt whose holder
+        looks silent is taken over only once the wall clock has run steadily for a lease:
+        across a step every holder looks silent (see wall_clock)."""
+        steady = clock.steady_for() >= settings.heartbeat_timeout
+        lease = settings.heartbeat_timeout if steady else None
         async with engine.begin() as conn:
             for item in batch:
                 dispatch, trace = item.value
                 item.result = await starting_point(conn, dispatch.task, dispatch.attempt,
-                                                   instance_id, key, settings.heartbeat_timeout,
-                                                   trace)
+                                                   instance_id, key, lease, trace)
 
     # The attempts whose dispatches come while others are being claimed are claimed together.
     claim_together = GroupCommit(write_claims, key=lambda claimed: claimed[0].task.task_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, or_, select, update
@@ -49,6 +49,7 @@ _REPORTED = (
     .values(reported_at=bindparam("reported", type_=_WHEN))
 )
 _ENDED = _REPORTED.values(finished=True)
+NEVER = datetime.min.replace(tzinfo=UTC)  # no heartbeat is older
 
 
 @dataclass
@@ -62,24 +63,27 @@ class StartingPoint:
 
 async def starting_point(
     conn: AsyncConnection, task: NewTask, attempt: int, instance_id: str, key: bytes,
-    lease_timeout: float, trace: dict | None = None,
+    lease_timeout: float | None, trace: dict | None = None,
 ) -> StartingPoint:
     """Claim the attempt (its lease starts now) and gather what it starts from.
 
     An attempt another instance holds, and has heartbeated for within `lease_timeout`, is
     not claimed: its message came again (a dropped connection) while that instance still
-    runs it. A first attempt the state store has no dispatch of yet is recorded here,
-    claimed (tried first: the orchestrator publishes a task that waits for nothing before it
-    records it, so its worker mostly gets there first; the orchestrator then finds it).
+    runs it. With `lease_timeout` None no holder counts as silent (the wall clock has just
+    stepped: see wall_clock); the orchestrator's sweep moves a silent one on. A first
+    attempt the state store has no dispatch of yet is recorded here, claimed (tried first:
+    the orchestrator publishes a task that waits for nothing before it records it, so its
+    worker mostly gets there first; the orchestrator then finds it).
     `trace` is the context it is recorded in. Raises CheckpointRefused when the task's last
     checkpoint fails verification.
     """
     moment = now()
+    silent_since = moment - timedelta(seconds=lease_timeout) if lease_timeout is not None else NEVER
     if attempt == 1 and await _record_first(conn, task, instance_id, moment, trace):
         point = StartingPoint()  # recorded just now: it has no checkpoint yet
     elif (await conn.execute(_CLAIM, {
             "claimed_task": task.task_id, "claimed_attempt": attempt, "claimer": instance_id,
-            "claimed_at": moment, "silent_since": moment - timedelta(seconds=lease_timeout),
+            "claimed_at": moment, "silent_since": silent_since,
     })).rowcount == 0:
         reason, dispatched = await _why_not(conn, task.task_id, attempt)
         return StartingPoint(skip=reason, dispatched=dispatched)

@@ -7,7 +7,8 @@ looks silent for that long, though no worker could renew it meanwhile. So does a
 was paused, once its clock is set right, and a clock set by hand. The workers renew within
 a heartbeat interval of waking (their timers run on the monotonic clock), but the sweep may
 come first and take every running task from its live worker. A sweep asks first how long
-the clock has been steady.
+the clock has been steady, and so does a worker before it takes over an attempt whose
+holder looks silent.
 """
 
 import time
