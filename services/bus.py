@@ -193,6 +193,7 @@ def subscribe(
     group: str | None,
     *,
     concurrency: int = 1,
+    fetch_wait_ms: int | None = None,
 ) -> Callable[[Handler], Any]:
     """A subscription of `group` to `topic`; replicas that share a group share the work.
 
@@ -203,8 +204,10 @@ def subscribe(
     message is answered and dead-lettered rather than dropped by the framework. A handler
     that raises has the message delivered again; one that keeps raising on the same message
     (a poison message) has it dead-lettered with the reason, and the group moves on.
+    On Kafka `fetch_wait_ms` overrides CONVEYOR_KAFKA_FETCH_WAIT_MS for this consumer.
     """
-    subscriber = _subscriber(broker, settings, topic, group, concurrency)
+    subscriber = _subscriber(broker, settings, topic, group, concurrency,
+                             fetch_wait_ms or settings.kafka_fetch_wait_ms)
     if group is None:
         return subscriber
     return lambda handler: subscriber(_guarded(broker, settings, topic, handler))
@@ -263,7 +266,7 @@ def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
 
 
 def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | None,
-                concurrency: int):
+                concurrency: int, fetch_wait_ms: int):
     if isinstance(broker, RabbitBroker):
         if group is None:
             # Named apart per process: every instance of a service hears its broadcast topic.
@@ -286,7 +289,7 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
         )
     options: dict[str, Any] = {
         "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": settings.kafka_fetch_wait_ms,
+        "fetch_max_wait_ms": fetch_wait_ms,
         "decoder": _raw_body,
         "max_partition_fetch_bytes": MAX_MESSAGE_BYTES + 64 * 1024,
     }
@@ -315,6 +318,13 @@ def _expiry_ms(settings: Settings) -> int:
     return int(max(60.0, 2 * settings.publish_timeout) * 1000)
 
 
+# On Kafka, Conveyor's topics that no task waits on (the registry's heartbeats, dead letters)
+# are fetched from with a longer wait: a fetch is not answered when data comes (FACTS: tansu
+# answers at the wait's end), so each idle consumer costs a fetch per wait, in its process
+# and in the broker.
+QUIET_TOPICS = {REGISTRY: 100, DEAD_LETTER: 500}  # message type -> fetch wait in ms
+
+
 def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str, *,
                      concurrency: int = 1):
     """The subscription of one Conveyor part to one of Conveyor's own topics.
@@ -325,8 +335,10 @@ def subscribe_system(broker: Broker, settings: Settings, message_type: str, part
     """
     if settings.broker_kind != "rabbit":
         concurrency = 1
+    quiet = QUIET_TOPICS.get(message_type)
     return subscribe(broker, settings, topic(settings.namespace, message_type),
-                     group_name(settings, message_type, part), concurrency=concurrency)
+                     group_name(settings, message_type, part), concurrency=concurrency,
+                     fetch_wait_ms=quiet and max(quiet, settings.kafka_fetch_wait_ms))
 
 
 async def publish(
