@@ -318,11 +318,17 @@ def _expiry_ms(settings: Settings) -> int:
     return int(max(60.0, 2 * settings.publish_timeout) * 1000)
 
 
-# On Kafka, Conveyor's topics that no task waits on (the registry's heartbeats, dead letters)
-# are fetched from with a longer wait: a fetch is not answered when data comes (FACTS: tansu
-# answers at the wait's end), so each idle consumer costs a fetch per wait, in its process
-# and in the broker.
-QUIET_TOPICS = {REGISTRY: 100, DEAD_LETTER: 500}  # message type -> fetch wait in ms
+# On Kafka, the topics no task's path runs through (the registry's heartbeats, dead letters,
+# a service's broadcast of steering) are fetched from with a longer wait: tansu answers a
+# fetch only at its wait's end, not when data comes, so each idle consumer costs a fetch
+# per wait, in its process and in the broker. (Apache Kafka answers as data comes.)
+QUIET_TOPICS = {REGISTRY, DEAD_LETTER}
+QUIET_FETCH_WAIT_MS = 100
+
+
+def quiet_fetch_wait(settings: Settings) -> int:
+    """The fetch wait of a consumer of a quiet topic, in ms."""
+    return max(QUIET_FETCH_WAIT_MS, settings.kafka_fetch_wait_ms)
 
 
 def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str, *,
@@ -335,10 +341,10 @@ def subscribe_system(broker: Broker, settings: Settings, message_type: str, part
     """
     if settings.broker_kind != "rabbit":
         concurrency = 1
-    quiet = QUIET_TOPICS.get(message_type)
+    quiet = message_type in QUIET_TOPICS
     return subscribe(broker, settings, topic(settings.namespace, message_type),
                      group_name(settings, message_type, part), concurrency=concurrency,
-                     fetch_wait_ms=quiet and max(quiet, settings.kafka_fetch_wait_ms))
+                     fetch_wait_ms=quiet_fetch_wait(settings) if quiet else None)
 
 
 async def publish(

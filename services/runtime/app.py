@@ -59,6 +59,7 @@ from ..bus import (
     orchestrator_topic,
     publish,
     publish_to_any_replica,
+    quiet_fetch_wait,
     reports_topic,
     subscribe,
     through_outages,
@@ -384,7 +385,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except EventNotAccepted as exc:
             log.warning("event %d for task %s not delivered: %s", seq, task_run.task.task_id, exc)
 
-    @subscribe(broker, settings, broadcast_topic(ns, name), None)
+    @subscribe(broker, settings, broadcast_topic(ns, name), None,
+               fetch_wait_ms=quiet_fetch_wait(settings))
     async def on_broadcast(body: bytes) -> None:
         try:
             message = parse_message(body)
