@@ -146,7 +146,14 @@ class Client:
         self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()
         self._answers: dict[str, asyncio.Future] = {}
         self._followers: dict[str, list[_Follower]] = {}
-        subscribe(self._broker, self.settings, self._reply_to, None)(self._on_reply)
+        # On its own broker the client hears its replies from the start. On a broker it
+        # rides on (a workflow service's), from its first request: most services never
+        # call another, and an idle consumer still costs its process and the broker.
+        self._replies: Any = None
+        self._subscribing = asyncio.Lock()
+        if self._owns_broker:
+            self._replies = subscribe(self._broker, self.settings, self._reply_to, None)
+            self._replies(self._on_reply)
 
     async def __aenter__(self) -> "Client":
         await self.start()
@@ -163,6 +170,17 @@ class Client:
     async def close(self) -> None:
         if self._owns_broker:
             await self._broker.stop()
+
+    async def _listening(self) -> None:
+        """Until the reply topic is consumed (see __init__)."""
+        if self._replies is not None:
+            return
+        async with self._subscribing:
+            if self._replies is None:
+                replies = subscribe(self._broker, self.settings, self._reply_to, None)
+                replies(self._on_reply)
+                await replies.start()  # the owner's broker is running: it stops it too
+                self._replies = replies
 
     async def _on_reply(self, body: bytes) -> None:
         try:
@@ -212,6 +230,7 @@ class Client:
             parent_task_id=parent_task_id, max_retries=max_retries, timeout=attempt_timeout,
             **({"task_id": task_id} if task_id else {}),
         )
+        await self._listening()
         self._waiting.setdefault(task.task_id, asyncio.get_running_loop().create_future())
         message = NewTaskMessage(type=CONTROL_PLANE, publisher_id=self.publisher_id, data=task)
         try:
@@ -470,6 +489,7 @@ class Client:
     async def _request(self, message, to: str, what: str, *, key: str | None = None,
                        timeout: float | None = -1.0) -> Any:
         """Publish a message and wait for the control plane's answer to it."""
+        await self._listening()
         future = asyncio.get_running_loop().create_future()
         self._answers[message.id] = future
         try:
