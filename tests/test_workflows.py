@@ -3,6 +3,7 @@ sessions. Real processes, real brokers, real llama-index-workflows workflows."""
 
 import asyncio
 import json
+import subprocess
 import uuid
 
 import pytest
@@ -10,7 +11,7 @@ from workflows.events import HumanResponseEvent
 
 from conveyor import QueryFailed, TaskCancelled, TaskFailed
 
-from .deployment import Deployment, eventually, serving
+from .deployment import Deployment, eventually, registered, serving
 from .test_other_systems import new_task, raw_publisher
 
 SERVICES = ("echo", "counter", "greeter", "outer")
@@ -274,6 +275,33 @@ async def test_an_outer_step_runs_the_inner_workflow_on_its_own_service(workflow
         assert len(children) == 1
         assert children[0]["status"] == "completed"
         assert children[0]["result"] == {"echo": {"message": "hi"}}
+
+
+def test_on_rabbitmq_a_service_subscribes_to_its_replies_on_its_first_call_to_another(
+    rabbit_url, tmp_path,
+):
+    def reply_queues(namespace: str) -> set[str]:
+        listed = subprocess.run(["rabbitmqctl", "list_queues", "name", "-q",
+                                 "--no-table-headers"], check=True, capture_output=True,
+                                text=True, timeout=120).stdout.split()
+        return {name for name in listed if name.startswith(f"{namespace}.reply.")}
+
+    async def run(deployment: Deployment) -> tuple[set[str], set[str]]:
+        await deployment.ready("echo")  # "outer" only registered: it has called nothing yet
+        async with deployment.client() as client:
+            await eventually(lambda: registered(client, "outer"), 90)
+            before_a_call = reply_queues(deployment.namespace)  # the clients' of this test
+            result = await client.run("outer", timeout=30, message="hi")
+            assert result == {"outer": "done", "inner": {"echo": {"message": "hi"}}}
+            return before_a_call, reply_queues(deployment.namespace)
+
+    deployment = Deployment(rabbit_url, tmp_path)
+    deployment.start("control-plane", "orchestrator", "echo", "outer")
+    try:
+        before_a_call, after = asyncio.run(run(deployment))
+    finally:
+        deployment.stop()
+    assert len(after - before_a_call) == 1  # the outer service's, for the inner outcome
 
 
 async def test_an_inner_failure_fails_the_outer_task_with_the_inner_error(workflows_deployment):
