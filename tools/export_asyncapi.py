@@ -43,6 +43,7 @@ REPLIES = [Action.COMPLETED_TASK, Action.TASK_STREAM, Action.QUERY_RESULT]
 
 
 def _brokers() -> list:
+    from conveyor import Client
     from conveyor.services.control_plane.app import create_app as control_plane
     from conveyor.services.orchestrator.app import create_app as orchestrator
     from conveyor.services.runtime.app import create_app as runtime
@@ -53,11 +54,13 @@ def _brokers() -> list:
     service = load(RuntimeSettings, **common, service_name=SERVICE,
                    workflow="conveyor.services.examples.echo:workflow")
     # Private queues are named with random ids: zeros here, for a document that is the same
-    # every time it is made (the service's reply topic for nested workflows is one of them).
+    # every time it is made (a Client's reply topic is one of them: a workflow service's own,
+    # for nested workflows, is subscribed only on its first call).
     with mock.patch("uuid.uuid4", return_value=uuid.UUID(int=0)):
         apps = [control_plane(load(Settings, **common)),
                 orchestrator(load(Settings, **common)), runtime(service)]
-    return [app.broker for app in apps]
+        client = Client(settings=load(Settings, **common))
+    return [app.broker for app in apps] + [client._broker]
 
 
 def render() -> str:
