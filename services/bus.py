@@ -193,7 +193,7 @@ def subscribe(
     group: str | None,
     *,
     concurrency: int = 1,
-    fetch_wait_ms: int | None = None,
+    quiet: bool = False,
 ) -> Callable[[Handler], Any]:
     """A subscription of `group` to `topic`; replicas that share a group share the work.
 
@@ -204,10 +204,9 @@ def subscribe(
     message is answered and dead-lettered rather than dropped by the framework. A handler
     that raises has the message delivered again; one that keeps raising on the same message
     (a poison message) has it dead-lettered with the reason, and the group moves on.
-    On Kafka `fetch_wait_ms` overrides CONVEYOR_KAFKA_FETCH_WAIT_MS for this consumer.
+    A `quiet` topic is one no task's path runs through (see QUIET_FETCH_WAIT_MS).
     """
-    subscriber = _subscriber(broker, settings, topic, group, concurrency,
-                             fetch_wait_ms or settings.kafka_fetch_wait_ms)
+    subscriber = _subscriber(broker, settings, topic, group, concurrency, quiet)
     if group is None:
         return subscriber
     return lambda handler: subscriber(_guarded(broker, settings, topic, handler))
@@ -266,7 +265,7 @@ def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
 
 
 def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | None,
-                concurrency: int, fetch_wait_ms: int):
+                concurrency: int, quiet: bool):
     if isinstance(broker, RabbitBroker):
         if group is None:
             # Named apart per process: every instance of a service hears its broadcast topic.
@@ -289,7 +288,8 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
         )
     options: dict[str, Any] = {
         "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": fetch_wait_ms,
+        "fetch_max_wait_ms": (max(QUIET_FETCH_WAIT_MS, settings.kafka_fetch_wait_ms) if quiet
+                              else settings.kafka_fetch_wait_ms),
         "decoder": _raw_body,
         "max_partition_fetch_bytes": MAX_MESSAGE_BYTES + 64 * 1024,
     }
@@ -326,11 +326,6 @@ QUIET_TOPICS = {REGISTRY, DEAD_LETTER}
 QUIET_FETCH_WAIT_MS = 100
 
 
-def quiet_fetch_wait(settings: Settings) -> int:
-    """The fetch wait of a consumer of a quiet topic, in ms."""
-    return max(QUIET_FETCH_WAIT_MS, settings.kafka_fetch_wait_ms)
-
-
 def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str, *,
                      concurrency: int = 1):
     """The subscription of one Conveyor part to one of Conveyor's own topics.
@@ -341,10 +336,9 @@ def subscribe_system(broker: Broker, settings: Settings, message_type: str, part
     """
     if settings.broker_kind != "rabbit":
         concurrency = 1
-    quiet = message_type in QUIET_TOPICS
     return subscribe(broker, settings, topic(settings.namespace, message_type),
                      group_name(settings, message_type, part), concurrency=concurrency,
-                     fetch_wait_ms=quiet_fetch_wait(settings) if quiet else None)
+                     quiet=message_type in QUIET_TOPICS)
 
 
 async def publish(

@@ -59,7 +59,6 @@ from ..bus import (
     orchestrator_topic,
     publish,
     publish_to_any_replica,
-    quiet_fetch_wait,
     reports_topic,
     subscribe,
     through_outages,
@@ -385,8 +384,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
         except EventNotAccepted as exc:
             log.warning("event %d for task %s not delivered: %s", seq, task_run.task.task_id, exc)
 
-    @subscribe(broker, settings, broadcast_topic(ns, name), None,
-               fetch_wait_ms=quiet_fetch_wait(settings))
+    @subscribe(broker, settings, broadcast_topic(ns, name), None, quiet=True)
     async def on_broadcast(body: bytes) -> None:
         try:
             message = parse_message(body)
