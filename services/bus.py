@@ -46,6 +46,7 @@ from conveyor.contracts.topics import (
 
 from . import telemetry, write_lock
 from .kafka_commits import CommitsInBatches
+from .rabbit_acks import AcksInBatches
 from .settings import Settings
 
 Broker = RabbitBroker | KafkaBroker
@@ -264,6 +265,9 @@ def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
     return guarded
 
 
+_acks = AcksInBatches()  # a group queue's acknowledgements, several in one when they can be
+
+
 def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | None,
                 concurrency: int, quiet: bool):
     if isinstance(broker, RabbitBroker):
@@ -274,16 +278,19 @@ def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | Non
             # while RabbitMQ restarts) waits for it.
             queue = RabbitQueue(f"{topic}.{uuid.uuid4().hex[:8]}", routing_key=topic,
                                 durable=True, arguments={"x-expires": _expiry_ms(settings)})
-        else:  # and bound with ALSO_BOUND's keys by declare_system_queues
-            queue = group_queue(settings, group, routing_key=topic)
-        return broker.subscriber(
-            queue,
+            return broker.subscriber(
+                queue, exchange(settings), channel=Channel(prefetch_count=concurrency),
+                # Acknowledged once handled, even if the handler failed (its next delivery
+                # would fail alike); one whose handler was cancelled by a dropped connection
+                # comes again.
+                ack_policy=AckPolicy.ACK, decoder=_raw_body,
+            )
+        return broker.subscriber(  # bound with ALSO_BOUND's keys by declare_system_queues
+            group_queue(settings, group, routing_key=topic),
             exchange(settings),
-            channel=Channel(prefetch_count=concurrency),
-            # A private queue's message is acknowledged once handled (even if the handler
-            # failed: its next delivery would fail alike); one whose handler was cancelled by
-            # a dropped connection comes again.
-            ack_policy=AckPolicy.NACK_ON_ERROR if group else AckPolicy.ACK,
+            channel=Channel(prefetch_count=concurrency),  # a channel of its own: see rabbit_acks
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            parser=_acks.parser,
             decoder=_raw_body,
         )
     options: dict[str, Any] = {
