@@ -8,6 +8,7 @@ import subprocess
 import uuid
 from collections import Counter
 
+import aio_pika
 import pytest
 from aio_pika import IncomingMessage
 
@@ -45,23 +46,33 @@ def sent_acks(monkeypatch):
     return sent
 
 
+@pytest.fixture
 def group(rabbit_url: str):
+    """A namespace of its own, and a broker of it; its queue and exchange removed after."""
     settings = load(broker_url=rabbit_url, namespace=f"ra{uuid.uuid4().hex[:8]}")
     topic = f"{settings.namespace}.work"
-    return settings, topic, f"{topic}.part", bus.create_broker(settings, "test")
+    yield settings, topic, f"{topic}.part", bus.create_broker(settings, "test")
+    asyncio.run(_remove(rabbit_url, settings.namespace, f"{topic}.part"))
 
 
-def covered(acks: list[tuple[int, bool]], in_hand: dict[int, bool]) -> set[int]:
-    """The delivery tags the acks acknowledged, of those the channel had (tag -> in hand)."""
+async def _remove(rabbit_url: str, exchange: str, queue: str) -> None:
+    async with await aio_pika.connect(rabbit_url, timeout=5) as connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await channel.exchange_delete(exchange)
+
+
+def covered(acks: list[tuple[int, bool]], tags: range) -> set[int]:
+    """The channel's delivery tags (of `tags`) that these basic.acks acknowledged."""
     done: set[int] = set()
     for tag, multiple in acks:
-        done |= {t for t in in_hand if t <= tag and t not in done} if multiple else {tag}
+        done |= {t for t in tags if t <= tag} if multiple else {tag}
     return done
 
 
 async def test_a_rabbit_group_acknowledges_what_is_handled_in_few_frames_and_never_more(
-        rabbit_url, sent_acks):
-    settings, topic, queue, broker = group(rabbit_url)
+        group, sent_acks):
+    settings, topic, queue, broker = group
     go, release = asyncio.Event(), asyncio.Event()
     delivered: Counter[bytes] = Counter()
     handled: list[bytes] = []
@@ -94,7 +105,7 @@ async def test_a_rabbit_group_acknowledges_what_is_handled_in_few_frames_and_nev
         print(f"found: 15 handled, acknowledged in {len(before_release)} frames: "
               f"{before_release}; 1 unacknowledged")
         # Not one frame covers the delivery still in hand.
-        assert covered(before_release, {tag: True for tag in range(1, 17)}) == (
+        assert covered(before_release, range(1, 17)) == (
             set(range(1, 17)) - {11})
         assert len(before_release) < 15  # those before it went together
 
@@ -117,8 +128,8 @@ async def test_a_rabbit_group_acknowledges_what_is_handled_in_few_frames_and_nev
     assert {body: count for body, count in delivered.items() if count != 1} == {b"held": 2}
 
 
-async def test_a_rabbit_delivery_handed_back_amid_others_comes_again_and_they_do_not(rabbit_url):
-    settings, topic, queue, broker = group(rabbit_url)
+async def test_a_rabbit_delivery_handed_back_amid_others_comes_again_and_they_do_not(group):
+    settings, topic, queue, broker = group
     go = asyncio.Event()
     delivered: Counter[bytes] = Counter()
 
