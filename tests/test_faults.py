@@ -155,7 +155,9 @@ async def test_a_silent_worker_that_wakes_leaves_its_session_state_alone(fresh_d
         first = await client.run_nowait("slow_counter", session_id=session_id, log=str(log),
                                         seconds=8)
         await eventually(lambda: noted(log, "count-1"), timeout=60)
-        pid = await eventually(lambda: busy_replica(client, "slow_counter"), timeout=30)
+        counting = datetime.now(UTC)
+        pid = await eventually(lambda: busy_replica(client, "slow_counter", counting),
+                               timeout=30)
         os.kill(pid, signal.SIGSTOP)
         try:
             counted = [await client.result(first, timeout=60),
@@ -200,16 +202,21 @@ async def in_step_two(client, log, seconds: float) -> tuple[str, int]:
     the pid of the replica running it."""
     task_id = await client.run_nowait("stepper", log=str(log), seconds=seconds)
     await eventually(lambda: noted(log, "two"), timeout=60)
-    pid = await eventually(lambda: busy_replica(client, "stepper"), timeout=30)
+    stepping = datetime.now(UTC)
+    pid = await eventually(lambda: busy_replica(client, "stepper", stepping), timeout=30)
     await eventually(lambda: client.checkpoint(task_id), timeout=30)
     return task_id, pid
 
 
-async def busy_replica(client, service: str) -> int | None:
-    """The pid of the replica of `service` that reports a task running (the registry is
-    read by its own consumer group: it may lag the task a little)."""
+async def busy_replica(client, service: str, since: datetime) -> int | None:
+    """The pid of the replica of `service` that reports a task running in a heartbeat sent
+    after `since` (the registry is read by its own consumer group: it may lag the task a
+    little). One sent before may still show the other replica running the task that checked
+    the deployment was ready: a test that stopped that idle replica saw the next task
+    delivered to it, and waited for it in vain."""
     found = {s["name"]: s for s in await client.list_services()}.get(service)
-    busy = [i["pid"] for i in (found or {}).get("instances", []) if i["alive"] and i["running"]]
+    busy = [i["pid"] for i in (found or {}).get("instances", []) if i["alive"] and i["running"]
+            and datetime.fromisoformat(i["last_heartbeat"]) > since]
     return busy[0] if busy else None
 
 
