@@ -87,43 +87,38 @@ class AcksInBatches:
         # delivery tags start again)
         self._channels: weakref.WeakKeyDictionary[Any, _InHand] = weakref.WeakKeyDictionary()
 
-    def in_hand(self, message: IncomingMessage) -> _InHand:
-        found = self._channels.get(message.channel)
-        if found is None:
-            found = self._channels[message.channel] = _InHand()
-        return found
-
     async def parser(self, message: IncomingMessage, parse) -> "AckedInBatches":
         parsed = await parse(message)
-        self.in_hand(message).messages[message.delivery_tag] = None
+        in_hand = self._channels.get(message.channel)
+        if in_hand is None:
+            in_hand = self._channels[message.channel] = _InHand()
+        in_hand.messages[message.delivery_tag] = None
         batched = AckedInBatches.__new__(AckedInBatches)  # the same message, as FastStream
         batched.__dict__.update(parsed.__dict__)  # copies one (StreamMessage.__copy__)
-        batched.batches = self
+        batched.in_hand = in_hand
         return batched
 
 
 class AckedInBatches(RabbitMessage):
-    """FastStream's message, its acknowledgements sent through AcksInBatches. Each is taken
-    once, as FastStream's are (the first of ack, nack and reject counts)."""
+    """FastStream's message, its acknowledgements sent through its channel's _InHand. Each
+    is taken once, as FastStream's are (the first of ack, nack and reject counts)."""
 
-    batches: AcksInBatches
+    in_hand: _InHand
 
     async def ack(self, multiple: bool = False) -> None:
         if self._first():
             await StreamMessage.ack(self)
-            await self.batches.in_hand(self.raw_message).handled(self.raw_message)
+            await self.in_hand.handled(self.raw_message)
 
     async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
         if self._first():
             await StreamMessage.nack(self)
-            await self.batches.in_hand(self.raw_message).refused(self.raw_message, requeue,
-                                                                  reject=False)
+            await self.in_hand.refused(self.raw_message, requeue, reject=False)
 
     async def reject(self, requeue: bool = False) -> None:
         if self._first():
             await StreamMessage.reject(self)
-            await self.batches.in_hand(self.raw_message).refused(self.raw_message, requeue,
-                                                                  reject=True)
+            await self.in_hand.refused(self.raw_message, requeue, reject=True)
 
     def _first(self) -> bool:
         return self.committed is None and not self.raw_message.locked
