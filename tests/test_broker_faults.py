@@ -21,8 +21,10 @@ from .deployment import Deployment, eventually, noted, records_once_completed
 from .test_health import healthy
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+def rabbitmqctl(*args: str) -> str:
+    """What the command printed."""
+    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True,
+                          timeout=120).stdout
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ do; one handed back comes again alone; and after a dropped connection exactly wh
 handled comes again."""
 
 import asyncio
-import subprocess
 import uuid
 from collections import Counter
 
@@ -16,18 +15,13 @@ from conveyor.services import bus
 from conveyor.services.settings import load
 
 from .deployment import eventually
-
-
-async def rabbitmqctl(*args: str) -> str:
-    done = await asyncio.to_thread(subprocess.run, ["rabbitmqctl", *args], check=True,
-                                   capture_output=True, text=True, timeout=60)
-    return done.stdout
+from .test_broker_faults import rabbitmqctl
 
 
 async def unacknowledged(queue: str) -> int:
     """What RabbitMQ holds as delivered and not yet acknowledged on the queue."""
-    found = await rabbitmqctl("list_queues", "-q", "--no-table-headers", "name",
-                              "messages_unacknowledged")
+    found = await asyncio.to_thread(rabbitmqctl, "list_queues", "-q", "--no-table-headers",
+                                    "name", "messages_unacknowledged")
     counts = dict(line.split("\t") for line in found.splitlines() if "\t" in line)
     return int(counts[queue])
 
@@ -109,7 +103,7 @@ async def test_a_rabbit_group_acknowledges_what_is_handled_in_few_frames_and_nev
             set(range(1, 17)) - {11})
         assert len(before_release) < 15  # those before it went together
 
-        await rabbitmqctl("close_all_connections", "dropped by a test")
+        await asyncio.to_thread(rabbitmqctl, "close_all_connections", "dropped by a test")
         print("injected: every connection to RabbitMQ closed (close_all_connections)")
 
         async def held_again() -> bool:
