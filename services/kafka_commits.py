@@ -1,20 +1,25 @@
 """Kafka: a consumer group's offsets committed each only once its message is handled, one
 commit for many messages when they come quickly.
 
-FastStream commits after every message it handles (AckPolicy.ACK), and waits for it: a
-round trip to the broker per message, which caps a consumer near 1,150 messages/s and costs
-the broker about as much CPU as the messages themselves. Here a message that comes after a
-pause is committed as FastStream does (at once, waited for: a commit in the background was
-measured to slow a sequential task by 0.3 to 2 ms), while one that comes within BUSY_GAP of
-the one before only has its offset noted: one commit, COMMIT_EVERY later (or after the
-commit under way), takes every offset noted meanwhile. One commit at a time, so that a
-partition's committed offset only moves forward. What is committed is the offset after the
-last message handled on each partition, never the consumer's position (which may be past a
-message still being handled), so a crash or a rebalance loses nothing: the messages handled
-since the last commit are delivered again, and every handler takes a duplicate as one (on
-message and task id). A stopping part commits what it has handled before it leaves, and a
-consumer whose partitions are about to move to another member (one joined or left) before
-they move, so that the member taking them starts after what this one has handled.
+FastStream commits after every message it handles (AckPolicy.ACK), and waits for it: a round
+trip to the broker per message, which caps a consumer near 1,150 messages/s and costs the
+broker about as much CPU as the messages themselves. Here a message that comes after a pause
+is committed as FastStream does (at once, waited for: a commit in the background was
+measured to slow a sequential task by 0.3 to 2 ms), while one handled when the consumer is
+busy only has its offset noted: one commit, COMMIT_EVERY later (or after the commit under
+way), takes every offset noted meanwhile. A consumer is busy when its message came within
+BUSY_GAP of the one before, or when its partition held more messages at the last fetch (the
+consumer is behind): a loaded path may pass fewer than one message per BUSY_GAP, and then
+each was committed alone, a request the broker answered before the consumer took the next
+(on tansu, 300 tasks in flight: 0.95 commits per task in each part before, 0.5 after). One
+commit at a time, so that a partition's committed offset only moves forward. What is
+committed is the offset after the last message handled on each partition, never the
+consumer's position (which may be past a message still being handled), so a crash or a
+rebalance loses nothing: the messages handled since the last commit are delivered again, and
+every handler takes a duplicate as one (on message and task id). A stopping part commits
+what it has handled before it leaves, and a consumer whose partitions are about to move to
+another member (one joined or left) before they move, so that the member taking them starts
+after what this one has handled.
 """
 
 import asyncio
@@ -43,10 +48,12 @@ class _Pending:
         self.last_handled = float("-inf")  # on the loop's clock
 
     async def handled(self, record: ConsumerRecord) -> None:
-        self.offsets[TopicPartition(record.topic, record.partition)] = record.offset + 1
+        partition = TopicPartition(record.topic, record.partition)
+        self.offsets[partition] = record.offset + 1
         loop = asyncio.get_running_loop()
         now = loop.time()
-        busy, self.last_handled = now - self.last_handled < BUSY_GAP, now
+        busy = now - self.last_handled < BUSY_GAP or self._behind(partition, record.offset + 1)
+        self.last_handled = now
         if self.timer is not None or (self.committing and not self.committing.done()):
             return  # the commit under way (or the next one) takes it
         if busy:
@@ -54,6 +61,15 @@ class _Pending:
             return
         self._start()
         await self.committing
+
+    def _behind(self, partition: TopicPartition, next_offset: int) -> bool:
+        """Whether the partition held messages from `next_offset` on at the consumer's last
+        fetch from it (its high watermark, as the broker reported it then)."""
+        try:
+            highwater = self.consumer.highwater(partition)
+        except (AssertionError, AttributeError):  # no longer assigned to this consumer
+            return False
+        return highwater is not None and next_offset < highwater
 
     def _start(self) -> None:
         self.timer = None
