@@ -53,6 +53,9 @@ async def test_a_nested_task_is_one_trace_across_every_process(fresh_deployment,
             await client.send_event(steered, {"type": "Progress", "value": {}})
             await client.cancel(steered)
             assert (await client.wait(steered, timeout=30)).status == "cancelled"
+            # The control plane answers before the worker has taken the event and the
+            # cancel off its broadcast topic: wait for the worker's word on both.
+            await eventually(lambda: worker_steered(deployment, steered), timeout=30)
         spans = receiver.spans
 
         async def worker_spans_in() -> list[Span]:
@@ -164,6 +167,12 @@ async def test_a_task_recovered_after_kill9_of_its_worker_stays_in_its_trace(fre
 
 async def status_is(client, task_id: str, status: str) -> bool:
     return ((await client.get_task(task_id)) or {}).get("status") == status
+
+
+async def worker_steered(deployment, task_id: str) -> bool:
+    """The flaky service's worker has logged the event it refused and the cancel."""
+    said = [r["message"] for r in deployment.lines_about(task_id, "flaky")]
+    return any("not delivered" in m for m in said) and any(m.endswith("cancelled") for m in said)
 
 
 async def test_a_task_from_a_client_that_exports_nothing_is_still_one_trace(fresh_deployment):
