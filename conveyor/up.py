@@ -26,6 +26,7 @@ from rich.console import Console
 
 from conveyor import embedded_broker, running
 from conveyor.client import Client
+from conveyor.services import bus
 from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.services.settings import load
 
@@ -108,6 +109,8 @@ def run_everything(services: list[str]) -> int:
         name, _, workflow = spec.partition("=")
         commands[name] = ["serve", workflow, "--name", name]
     commands["gateway"] = ["gateway", "--port", str(gateway)]
+    if sys.platform.startswith("linux"):  # forked with it, as with IMPORTS (see _start)
+        bus.import_broker_client(load(broker_url=url))
     try:
         for name, command in commands.items():
             children[name] = _start(name, command)

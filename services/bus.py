@@ -3,28 +3,22 @@
 RabbitMQ: one durable topic exchange per namespace; a subscription is a durable queue
 bound to the topic as routing key; messages are persistent and publisher-confirmed.
 Kafka: the topic is the topic; a subscription is a consumer group; messages are keyed by
-task id and offsets are committed after the handler has finished.
+task id and offsets are committed after the handler has finished. What is each broker's own
+is in rabbit_bus.py and kafka_bus.py, and a process imports only its broker's.
 """
 
 import asyncio
 import functools
 import hashlib
+import importlib
 import logging
 import os
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
-from aiormq.exceptions import ChannelInvalidStateError
-from faststream import AckPolicy
 from faststream.exceptions import NackMessage
-from faststream.kafka import KafkaBroker, TopicPartition
-from faststream.kafka.schemas import Topic
 from faststream.message import StreamMessage
-from faststream.rabbit import ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
-from faststream.rabbit.schemas import Channel
-from faststream.rabbit.schemas.queue import QueueType
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -45,11 +39,15 @@ from conveyor.contracts.topics import (
 )
 
 from . import telemetry, write_lock
-from .kafka_commits import CommitsInBatches
-from .rabbit_acks import AcksInBatches
 from .settings import Settings
 
-Broker = RabbitBroker | KafkaBroker
+if TYPE_CHECKING:
+    from faststream.kafka import KafkaBroker
+    from faststream.rabbit import RabbitBroker
+
+    Broker: TypeAlias = RabbitBroker | KafkaBroker
+else:
+    Broker = Any  # each broker's client is imported only where it is used (see _wire)
 T = TypeVar("T")
 Handler = Callable[[bytes], Awaitable[Any]]
 
@@ -57,26 +55,21 @@ _quiet = logging.getLogger("conveyor.broker")
 _quiet.setLevel(logging.WARNING)
 
 
-class ConveyorKafkaBroker(KafkaBroker):
-    """FastStream's KafkaBroker, but its subscribers join their consumer groups at once
-    (FastStream starts them one after another, and a join waits out the group's rebalance
-    delay, about 3 s: a part with four subscriptions took over 12 s to start), and its
-    groups commit their offsets in batches (see kafka_commits)."""
+def _wire(settings: Settings) -> ModuleType:
+    """The module of the broker in use, rabbit_bus or kafka_bus: a process imports the client
+    library of its own broker only."""
+    return _wire_of(settings.broker_kind)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.commits = CommitsInBatches()
 
-    async def start(self) -> None:
-        await self.connect()
-        await asyncio.gather(*(subscriber.start() for subscriber in self.subscribers))
-        for publisher in self.publishers:
-            await publisher.start()
-        self.running = True
+def import_broker_client(settings: Settings) -> None:
+    """Import the client library of the broker in use now rather than at the first broker
+    made (`conveyor up` does, before it forks its parts)."""
+    _wire(settings)
 
-    async def stop(self, *args: Any) -> None:
-        await self.commits.flush()
-        await super().stop(*args)
+
+@functools.cache
+def _wire_of(broker_kind: str) -> ModuleType:
+    return importlib.import_module(f".{broker_kind}_bus", __package__)
 
 
 def create_broker(settings: Settings, part: str, *, always_trace: bool = False,
@@ -95,16 +88,7 @@ def create_broker(settings: Settings, part: str, *, always_trace: bool = False,
         # FastStream's CPU per message consumed.
         "apply_types": False,
     }
-    if settings.broker_kind == "rabbit":
-        return RabbitBroker(url, reconnect_interval=1.0, **common)
-    return ConveyorKafkaBroker(
-        settings.kafka_servers,
-        acks="all",
-        enable_idempotence=settings.kafka_idempotence,
-        max_request_size=MAX_MESSAGE_BYTES + 64 * 1024,
-        request_timeout_ms=10_000,
-        **common,
-    )
+    return _wire(settings).create(settings, url, common)
 
 
 # The consumer groups of Conveyor's own topics: (message type, the part that consumes it).
@@ -161,26 +145,14 @@ async def declare_system_queues(broker: Broker, settings: Settings) -> None:
     the durable queues of the control plane and the orchestrator before it publishes.
     Kafka keeps every topic's messages for groups that join later, so there is nothing to do.
     """
-    if not isinstance(broker, RabbitBroker):
+    if settings.broker_kind != "rabbit":
         return
-    declared = await broker.declare_exchange(exchange(settings))
-    for message_type, part in SYSTEM_SUBSCRIPTIONS:
-        queue = await broker.declare_queue(
-            group_queue(settings, group_name(settings, message_type, part))
-        )
-        for read in (message_type, *ALSO_BOUND.get((message_type, part), ())):
-            await queue.bind(declared, routing_key=topic(settings.namespace, read))
-
-
-def group_queue(settings: Settings, name: str, routing_key: str = "") -> RabbitQueue:
-    """The durable queue a group's replicas share; a quorum queue (replicated across a
-    RabbitMQ cluster) with CONVEYOR_RABBIT_QUEUE_TYPE=quorum."""
-    return RabbitQueue(name, durable=True, routing_key=routing_key,
-                       queue_type=QueueType(settings.rabbit_queue_type))
-
-
-def exchange(settings: Settings) -> RabbitExchange:
-    return RabbitExchange(settings.namespace, type=ExchangeType.TOPIC, durable=True)
+    await _wire(settings).declare_group_queues(broker, settings, {
+        group_name(settings, message_type, part): tuple(
+            topic(settings.namespace, read)
+            for read in (message_type, *ALSO_BOUND.get((message_type, part), ())))
+        for message_type, part in SYSTEM_SUBSCRIPTIONS
+    })
 
 
 async def _raw_body(message: StreamMessage) -> bytes:
@@ -231,6 +203,7 @@ class Redeliver(NackMessage):
 
 def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
     failures: dict[str, int] = {}
+    unreachable = unreachable_errors(settings)
 
     @functools.wraps(handler)
     async def guarded(body: bytes) -> Any:
@@ -238,7 +211,7 @@ def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
             return await handler(body)
         except Redeliver:
             raise
-        except UNREACHABLE as exc:
+        except unreachable as exc:
             # Not the message's fault, and not counted against it: it comes again once the
             # broker is back (its handler rolled its transaction back; see write_lock).
             _quiet.warning("handler on %s met an unreachable broker (%s: %s); its message "
@@ -265,58 +238,14 @@ def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
     return guarded
 
 
-_acks = AcksInBatches()  # a group queue's acknowledgements, several in one when they can be
-
-
 def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | None,
                 concurrency: int, quiet: bool):
-    if isinstance(broker, RabbitBroker):
-        if group is None:
-            # Named apart per process: every instance of a service hears its broadcast topic.
-            # Durable, and removed by RabbitMQ once unused for a while rather than when the
-            # connection drops: what is published to it while the process reconnects (or
-            # while RabbitMQ restarts) waits for it.
-            queue = RabbitQueue(f"{topic}.{uuid.uuid4().hex[:8]}", routing_key=topic,
-                                durable=True, arguments={"x-expires": _expiry_ms(settings)})
-            return broker.subscriber(
-                queue, exchange(settings), channel=Channel(prefetch_count=concurrency),
-                # Acknowledged once handled, even if the handler failed (its next delivery
-                # would fail alike); one whose handler was cancelled by a dropped connection
-                # comes again.
-                ack_policy=AckPolicy.ACK, decoder=_raw_body,
-            )
-        return broker.subscriber(  # bound with ALSO_BOUND's keys by declare_system_queues
-            group_queue(settings, group, routing_key=topic),
-            exchange(settings),
-            channel=Channel(prefetch_count=concurrency),  # a channel of its own: see rabbit_acks
-            ack_policy=AckPolicy.NACK_ON_ERROR,
-            parser=_acks.parser,
-            decoder=_raw_body,
-        )
-    options: dict[str, Any] = {
-        "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": (max(QUIET_FETCH_WAIT_MS, settings.kafka_fetch_wait_ms) if quiet
-                              else settings.kafka_fetch_wait_ms),
-        "decoder": _raw_body,
-        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES + 64 * 1024,
-    }
-    if group is None:
-        return broker.subscriber(
-            partitions=[TopicPartition(topic, 0)], ack_policy=AckPolicy.ACK_FIRST, **options
-        )
-    if concurrency > 1:
-        # FastStream runs one consumer per worker; a partition feeds at most one of them.
-        options["max_workers"] = min(concurrency, settings.kafka_partitions)
-    return broker.subscriber(
-        Topic(topic, num_partitions=settings.kafka_partitions),
-        group_id=group,
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        parser=broker.commits.parser,
-        listener=broker.commits.listener(),
-        session_timeout_ms=6_000,
-        heartbeat_interval_ms=1_000,
-        **options,
-    )
+    if settings.broker_kind == "rabbit":
+        return _wire(settings).subscriber(broker, settings, topic, group, concurrency,
+                                          _raw_body, _expiry_ms(settings))
+    wait_ms = settings.kafka_fetch_wait_ms
+    return _wire(settings).subscriber(broker, settings, topic, group, concurrency, _raw_body,
+                                      max(QUIET_FETCH_WAIT_MS, wait_ms) if quiet else wait_ms)
 
 
 def _expiry_ms(settings: Settings) -> int:
@@ -398,14 +327,14 @@ async def through_outages(settings: Settings, what: str, attempt: Callable[[], A
         # The first try goes without building a retrier: a publish seldom meets an outage.
         return await attempt()
     except Exception as exc:
-        if not _unreachable(exc):
+        if not _unreachable(exc, settings):
             raise
         _quiet.warning("publish failed (%s: %s); retrying", type(exc).__name__, exc)
     try:
         async for retry in AsyncRetrying(
             stop=stop_after_delay(settings.publish_timeout),
             wait=wait_exponential_jitter(multiplier=0.1, max=2.0, jitter=0.2),
-            retry=retry_if_exception(_unreachable),
+            retry=retry_if_exception(functools.partial(_unreachable, settings=settings)),
             before_sleep=_retrying,
         ):
             with retry:
@@ -442,19 +371,20 @@ async def publish_to_any_replica(broker: Broker, settings: Settings, message: Qu
         raise sent[0]
 
 
-# What a lost or not yet restored connection raises; anything else is not retried.
-UNREACHABLE = (ConnectionError, ChannelInvalidStateError, KafkaConnectionError,
-               KafkaTimeoutError)
+def unreachable_errors(settings: Settings) -> tuple[type[BaseException], ...]:
+    """What a lost or not yet restored connection to the broker in use raises; anything
+    else is not retried."""
+    return (ConnectionError, *_wire(settings).UNREACHABLE)
 
 
 class PublishFailed(ConnectionError):
     """The broker stayed unreachable for CONVEYOR_PUBLISH_TIMEOUT: the message was not sent."""
 
 
-def _unreachable(exc: BaseException) -> bool:
+def _unreachable(exc: BaseException, settings: Settings) -> bool:
     """Worth another try: the broker's client lost its connection (not a publish that has
     waited out its timeout already)."""
-    return isinstance(exc, UNREACHABLE) and not isinstance(exc, PublishFailed)
+    return isinstance(exc, unreachable_errors(settings)) and not isinstance(exc, PublishFailed)
 
 
 def _retrying(state: RetryCallState) -> None:
@@ -465,21 +395,7 @@ def _retrying(state: RetryCallState) -> None:
 
 async def _send(broker: Broker, settings: Settings, body: bytes, message_id: str, topic: str,
                 key: str | None, partition: int | None, copy_to: tuple[str, ...] = ()) -> None:
-    if isinstance(broker, RabbitBroker):
-        await broker.publish(
-            body,
-            routing_key=topic,
-            exchange=exchange(settings),
-            persist=True,
-            message_id=message_id,
-            content_type="application/json",
-            mandatory=False,
-            # Sender-selected distribution: also routed with these keys, in one publish.
-            headers={"CC": list(copy_to)} if copy_to else None,
-        )
-        return
-    sends = [broker.publish(body, topic=to, key=key.encode() if key else None,
-                            partition=partition if to == topic else None,
-                            headers={"content-type": "application/json"})
-             for to in dict.fromkeys((topic, *copy_to))]  # a copy to the topic itself: none
-    await asyncio.gather(*sends)
+    if settings.broker_kind == "rabbit":
+        await _wire(settings).send(broker, settings, body, message_id, topic, copy_to)
+    else:
+        await _wire(settings).send(broker, body, topic, key, partition, copy_to)

@@ -4,8 +4,6 @@ workflow steps (see telemetry.py)."""
 
 import os
 
-from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
-from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -29,8 +27,10 @@ _exporting: TracerProvider | None = None  # this process's, once set up
 def tracing_middleware(settings: Settings, part: str):
     """FastStream's telemetry middleware, exporting to OTEL_EXPORTER_OTLP_ENDPOINT."""
     provider = exporting(part)
-    kind = RabbitTelemetryMiddleware if settings.broker_kind == "rabbit" else (
-        KafkaTelemetryMiddleware)
+    if settings.broker_kind == "rabbit":  # each imports its broker's client (see bus._wire)
+        from faststream.rabbit.opentelemetry import RabbitTelemetryMiddleware as kind
+    else:
+        from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware as kind
     return kind(tracer_provider=provider)
 
 

@@ -46,12 +46,12 @@ from conveyor.contracts.topics import CONTROL_PLANE, DEAD_LETTER, QUERY, REGISTR
 
 from .. import checkpoints, counters, database, health, logs, sessions, telemetry, write_lock
 from ..bus import (
-    UNREACHABLE,
     Broker,
     create_broker,
     declare_system_queues,
     publish,
     subscribe_system,
+    unreachable_errors,
 )
 from ..dead_letters import reject
 from ..group_commit import GroupCommit, Item, all_ended
@@ -159,7 +159,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     # Tasks and outcomes that come while others are being recorded are recorded together:
     # under load one transaction (and, on SQLite, one turn of the write lock) for many.
-    write_together = GroupCommit(write_each, not_theirs=UNREACHABLE,
+    write_together = GroupCommit(write_each, not_theirs=unreachable_errors(settings),
                                  key=lambda message: message.data.task_id)
 
     async def on_sent_event(message: SendEventMessage, body: bytes) -> None:

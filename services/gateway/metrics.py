@@ -4,8 +4,6 @@ Prometheus middleware."""
 
 from typing import Any
 
-from faststream.kafka.prometheus import KafkaPrometheusMiddleware
-from faststream.rabbit.prometheus import RabbitPrometheusMiddleware
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,8 +17,10 @@ BROKER_REGISTRY = CollectorRegistry()  # what FastStream's middleware counts in 
 
 
 def broker_middleware(settings: Settings):
-    kind = RabbitPrometheusMiddleware if settings.broker_kind == "rabbit" else (
-        KafkaPrometheusMiddleware)
+    if settings.broker_kind == "rabbit":  # each imports its broker's client (see bus._wire)
+        from faststream.rabbit.prometheus import RabbitPrometheusMiddleware as kind
+    else:
+        from faststream.kafka.prometheus import KafkaPrometheusMiddleware as kind
     return kind(registry=BROKER_REGISTRY, app_name="conveyor-gateway")
 
 

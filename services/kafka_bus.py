@@ -1,0 +1,92 @@
+"""Kafka's side of the bus (see bus.py): its broker, subscribers and publish.
+
+Imported only by a process whose CONVEYOR_BROKER_URL is kafka://, so that a part on
+RabbitMQ loads no Kafka client (aiokafka and FastStream's Kafka broker: 4 MB of each
+process's memory).
+"""
+
+import asyncio
+from typing import Any
+
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, TopicPartition
+from faststream.kafka.schemas import Topic
+
+from conveyor.contracts import MAX_MESSAGE_BYTES
+
+from .kafka_commits import CommitsInBatches
+from .settings import Settings
+
+# What a lost or not yet restored connection raises, besides ConnectionError.
+UNREACHABLE = (KafkaConnectionError, KafkaTimeoutError)
+
+
+class ConveyorKafkaBroker(KafkaBroker):
+    """FastStream's KafkaBroker, but its subscribers join their consumer groups at once
+    (FastStream starts them one after another, and a join waits out the group's rebalance
+    delay, about 3 s: a part with four subscriptions took over 12 s to start), and its
+    groups commit their offsets in batches (see kafka_commits)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commits = CommitsInBatches()
+
+    async def start(self) -> None:
+        await self.connect()
+        await asyncio.gather(*(subscriber.start() for subscriber in self.subscribers))
+        for publisher in self.publishers:
+            await publisher.start()
+        self.running = True
+
+    async def stop(self, *args: Any) -> None:
+        await self.commits.flush()
+        await super().stop(*args)
+
+
+def create(settings: Settings, url: str, common: dict[str, Any]) -> ConveyorKafkaBroker:
+    """`url` is CONVEYOR_BROKER_URL; the broker takes its servers from the settings."""
+    return ConveyorKafkaBroker(
+        settings.kafka_servers,
+        acks="all",
+        enable_idempotence=settings.kafka_idempotence,
+        max_request_size=MAX_MESSAGE_BYTES + 64 * 1024,
+        request_timeout_ms=10_000,
+        **common,
+    )
+
+
+def subscriber(broker: ConveyorKafkaBroker, settings: Settings, topic: str, group: str | None,
+               concurrency: int, decoder: Any, fetch_wait_ms: int) -> Any:
+    options: dict[str, Any] = {
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": fetch_wait_ms,
+        "decoder": decoder,
+        "max_partition_fetch_bytes": MAX_MESSAGE_BYTES + 64 * 1024,
+    }
+    if group is None:
+        return broker.subscriber(
+            partitions=[TopicPartition(topic, 0)], ack_policy=AckPolicy.ACK_FIRST, **options
+        )
+    if concurrency > 1:
+        # FastStream runs one consumer per worker; a partition feeds at most one of them.
+        options["max_workers"] = min(concurrency, settings.kafka_partitions)
+    return broker.subscriber(
+        Topic(topic, num_partitions=settings.kafka_partitions),
+        group_id=group,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        parser=broker.commits.parser,
+        listener=broker.commits.listener(),
+        session_timeout_ms=6_000,
+        heartbeat_interval_ms=1_000,
+        **options,
+    )
+
+
+async def send(broker: ConveyorKafkaBroker, body: bytes, topic: str, key: str | None,
+               partition: int | None, copy_to: tuple[str, ...]) -> None:
+    sends = [broker.publish(body, topic=to, key=key.encode() if key else None,
+                            partition=partition if to == topic else None,
+                            headers={"content-type": "application/json"})
+             for to in dict.fromkeys((topic, *copy_to))]  # a copy to the topic itself: none
+    await asyncio.gather(*sends)
