@@ -1,8 +1,8 @@
 """Kafka's side of the bus (see bus.py): its broker, subscribers and publish.
 
 Imported only by a process whose CONVEYOR_BROKER_URL is kafka://, so that a part on
-RabbitMQ loads no Kafka client (aiokafka and FastStream's Kafka broker: 4 MB of each
-process's memory).
+RabbitMQ loads no Kafka client (aiokafka and FastStream's Kafka broker: about 5 MB of each
+part's memory there).
 """
 
 import asyncio
