@@ -177,9 +177,10 @@ def subscribe(
     message is answered and dead-lettered rather than dropped by the framework. A handler
     that raises has the message delivered again; one that keeps raising on the same message
     (a poison message) has it dead-lettered with the reason, and the group moves on.
-    A `quiet` topic is one no task's path runs through (see QUIET_FETCH_WAIT_MS).
+    A `quiet` topic is one no task's path runs through (see kafka_bus.QUIET_FETCH_WAIT_MS).
     """
-    subscriber = _subscriber(broker, settings, topic, group, concurrency, quiet)
+    subscriber = _wire(settings).subscriber(broker, settings, topic, group, concurrency, quiet,
+                                            _raw_body)
     if group is None:
         return subscriber
     return lambda handler: subscriber(_guarded(broker, settings, topic, handler))
@@ -238,28 +239,9 @@ def _guarded(broker: Broker, settings: Settings, topic: str, handler: Handler):
     return guarded
 
 
-def _subscriber(broker: Broker, settings: Settings, topic: str, group: str | None,
-                concurrency: int, quiet: bool):
-    if settings.broker_kind == "rabbit":
-        return _wire(settings).subscriber(broker, settings, topic, group, concurrency,
-                                          _raw_body, _expiry_ms(settings))
-    wait_ms = settings.kafka_fetch_wait_ms
-    return _wire(settings).subscriber(broker, settings, topic, group, concurrency, _raw_body,
-                                      max(QUIET_FETCH_WAIT_MS, wait_ms) if quiet else wait_ms)
-
-
-def _expiry_ms(settings: Settings) -> int:
-    """How long a private queue outlives its last consumer: longer than any outage a
-    publish rides out, so that a reply retried through one still finds its queue."""
-    return int(max(60.0, 2 * settings.publish_timeout) * 1000)
-
-
-# On Kafka, the topics no task's path runs through (the registry's heartbeats, dead letters,
-# a service's broadcast of steering) are fetched from with a longer wait: tansu answers a
-# fetch only at its wait's end, not when data comes, so each idle consumer costs a fetch
-# per wait, in its process and in the broker. (Apache Kafka answers as data comes.)
+# The topics no task's path runs through (the registry's heartbeats, dead letters): quiet,
+# fetched from with a longer wait on Kafka (see kafka_bus.QUIET_FETCH_WAIT_MS).
 QUIET_TOPICS = {REGISTRY, DEAD_LETTER}
-QUIET_FETCH_WAIT_MS = 100
 
 
 def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str, *,
@@ -395,7 +377,5 @@ def _retrying(state: RetryCallState) -> None:
 
 async def _send(broker: Broker, settings: Settings, body: bytes, message_id: str, topic: str,
                 key: str | None, partition: int | None, copy_to: tuple[str, ...] = ()) -> None:
-    if settings.broker_kind == "rabbit":
-        await _wire(settings).send(broker, settings, body, message_id, topic, copy_to)
-    else:
-        await _wire(settings).send(broker, body, topic, key, partition, copy_to)
+    await _wire(settings).send(broker, settings, body, message_id, topic, key, partition,
+                               copy_to)

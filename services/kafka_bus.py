@@ -21,6 +21,12 @@ from .settings import Settings
 # What a lost or not yet restored connection raises, besides ConnectionError.
 UNREACHABLE = (KafkaConnectionError, KafkaTimeoutError)
 
+# The fetch wait of a quiet topic's consumers (bus.QUIET_TOPICS, a service's broadcast):
+# tansu answers a fetch only at its wait's end, not when data comes, so each idle consumer
+# costs a fetch per wait, in its process and in the broker. (Apache Kafka answers as data
+# comes.)
+QUIET_FETCH_WAIT_MS = 100
+
 
 class ConveyorKafkaBroker(KafkaBroker):
     """FastStream's KafkaBroker, but its subscribers join their consumer groups at once
@@ -57,10 +63,12 @@ def create(settings: Settings, url: str, common: dict[str, Any]) -> ConveyorKafk
 
 
 def subscriber(broker: ConveyorKafkaBroker, settings: Settings, topic: str, group: str | None,
-               concurrency: int, decoder: Any, fetch_wait_ms: int) -> Any:
+               concurrency: int, quiet: bool, decoder: Any) -> Any:
+    """See bus.subscribe."""
+    wait_ms = settings.kafka_fetch_wait_ms
     options: dict[str, Any] = {
         "auto_offset_reset": "earliest",
-        "fetch_max_wait_ms": fetch_wait_ms,
+        "fetch_max_wait_ms": max(QUIET_FETCH_WAIT_MS, wait_ms) if quiet else wait_ms,
         "decoder": decoder,
         "max_partition_fetch_bytes": MAX_MESSAGE_BYTES + 64 * 1024,
     }
@@ -83,8 +91,10 @@ def subscriber(broker: ConveyorKafkaBroker, settings: Settings, topic: str, grou
     )
 
 
-async def send(broker: ConveyorKafkaBroker, body: bytes, topic: str, key: str | None,
-               partition: int | None, copy_to: tuple[str, ...]) -> None:
+async def send(broker: ConveyorKafkaBroker, settings: Settings, body: bytes, message_id: str,
+               topic: str, key: str | None, partition: int | None,
+               copy_to: tuple[str, ...]) -> None:
+    """See bus.publish; the message id travels in the body."""
     sends = [broker.publish(body, topic=to, key=key.encode() if key else None,
                             partition=partition if to == topic else None,
                             headers={"content-type": "application/json"})

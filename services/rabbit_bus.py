@@ -48,14 +48,16 @@ async def declare_group_queues(broker: RabbitBroker, settings: Settings,
 
 
 def subscriber(broker: RabbitBroker, settings: Settings, topic: str, group: str | None,
-               concurrency: int, decoder: Any, private_expiry_ms: int) -> Any:
+               concurrency: int, quiet: bool, decoder: Any) -> Any:
+    """See bus.subscribe; `quiet` changes nothing on RabbitMQ, whose consumers are pushed
+    their messages."""
     if group is None:
         # Named apart per process: every instance of a service hears its broadcast topic.
         # Durable, and removed by RabbitMQ once unused for a while rather than when the
         # connection drops: what is published to it while the process reconnects (or
         # while RabbitMQ restarts) waits for it.
         queue = RabbitQueue(f"{topic}.{uuid.uuid4().hex[:8]}", routing_key=topic,
-                            durable=True, arguments={"x-expires": private_expiry_ms})
+                            durable=True, arguments={"x-expires": _expiry_ms(settings)})
         return broker.subscriber(
             queue, exchange(settings), channel=Channel(prefetch_count=concurrency),
             # Acknowledged once handled, even if the handler failed (its next delivery
@@ -74,7 +76,10 @@ def subscriber(broker: RabbitBroker, settings: Settings, topic: str, group: str 
 
 
 async def send(broker: RabbitBroker, settings: Settings, body: bytes, message_id: str,
-               topic: str, copy_to: tuple[str, ...]) -> None:
+               topic: str, key: str | None, partition: int | None,
+               copy_to: tuple[str, ...]) -> None:
+    """See bus.publish; a queue keeps its messages in order whatever their key, and has no
+    partitions."""
     await broker.publish(
         body,
         routing_key=topic,
@@ -87,3 +92,8 @@ async def send(broker: RabbitBroker, settings: Settings, body: bytes, message_id
         headers={"CC": list(copy_to)} if copy_to else None,
     )
 
+
+def _expiry_ms(settings: Settings) -> int:
+    """How long a private queue outlives its last consumer: longer than any outage a
+    publish rides out, so that a reply retried through one still finds its queue."""
+    return int(max(60.0, 2 * settings.publish_timeout) * 1000)
