@@ -178,6 +178,10 @@ def subscribe(
     that raises has the message delivered again; one that keeps raising on the same message
     (a poison message) has it dead-lettered with the reason, and the group moves on.
     A `quiet` topic is one no task's path runs through (see kafka_bus.QUIET_FETCH_WAIT_MS).
+    `concurrency` is how many messages the subscription handles at once: on RabbitMQ its
+    prefetch, on Kafka the messages its one consumer has in hand (kafka_bus.SeveralAtOnce).
+    Handlers are entered in the order of delivery; those of one thing keep their order
+    with services/ordering.
     """
     subscriber = _wire(settings).subscriber(broker, settings, topic, group, concurrency, quiet,
                                             _raw_body)
@@ -246,14 +250,8 @@ QUIET_TOPICS = {REGISTRY, DEAD_LETTER}
 
 def subscribe_system(broker: Broker, settings: Settings, message_type: str, part: str, *,
                      concurrency: int = 1):
-    """The subscription of one Conveyor part to one of Conveyor's own topics.
-
-    `concurrency` above 1 (messages handled at once) is taken on RabbitMQ only: on Kafka it
-    would mean more consumers in the group, each joining it apart, for partitions that
-    are read in order anyway.
-    """
-    if settings.broker_kind != "rabbit":
-        concurrency = 1
+    """The subscription of one Conveyor part to one of Conveyor's own topics; `concurrency`
+    is how many of its messages the part handles at once (see subscribe)."""
     return subscribe(broker, settings, topic(settings.namespace, message_type),
                      group_name(settings, message_type, part), concurrency=concurrency,
                      quiet=message_type in QUIET_TOPICS)

@@ -20,6 +20,11 @@ every handler takes a duplicate as one (on message and task id). A stopping part
 what it has handled before it leaves, and a consumer whose partitions are about to move to
 another member (one joined or left) before they move, so that the member taking them starts
 after what this one has handled.
+
+A consumer that handles several messages at once (kafka_bus.subscriber with a concurrency)
+may finish them out of order: its partition's offset is committed only up to the first
+message fetched and not yet handled, so a message still in hand (or handed back with a
+rewind, to come again) is never committed past.
 """
 
 import asyncio
@@ -42,17 +47,67 @@ class _Pending:
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
-        self.offsets: dict[TopicPartition, int] = {}
+        self.offsets: dict[TopicPartition, int] = {}  # to commit, by the next commit
         self.committing: asyncio.Task | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.last_handled = float("-inf")  # on the loop's clock
+        # A consumer that handles several at once: by partition, the offsets fetched and not
+        # handled yet, those handed back to be fetched again, and the offset after the last
+        # one handled (what is committed once nothing before it is in hand).
+        self.several = False
+        self.unhandled: dict[TopicPartition, set[int]] = {}
+        self.rewound: dict[TopicPartition, set[int]] = {}
+        self.handled_to: dict[TopicPartition, int] = {}
+        self.noted: dict[TopicPartition, int] = {}  # the last offset to commit noted
+
+    def fetched(self, record: ConsumerRecord) -> None:
+        partition = TopicPartition(record.topic, record.partition)
+        self.several = True
+        self.rewound.get(partition, set()).discard(record.offset)
+        self.unhandled.setdefault(partition, set()).add(record.offset)
+
+    def rewind(self, partition: TopicPartition, offset: int) -> None:
+        """The message at `offset` was handed back: it is fetched again, and nothing from it
+        on is committed until it is handled."""
+        if self.several:
+            self.unhandled.get(partition, set()).discard(offset)
+            self.rewound.setdefault(partition, set()).add(offset)
+        self.consumer.seek(partition, offset)
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """The partitions moved (a rebalance): a message of theirs still in hand is not
+        committed when it ends; the member that has them now takes it again."""
+        for state in (self.unhandled, self.rewound, self.handled_to, self.noted):
+            for partition in partitions:
+                state.pop(partition, None)
+
+    def _commit_to(self, partition: TopicPartition, offset: int) -> int | None:
+        """For a consumer handling several at once: the offset its partition can now be
+        committed to, once the message at `offset` is handled; None if it cannot move."""
+        unhandled = self.unhandled.get(partition)
+        if unhandled is None or offset not in unhandled:
+            return None  # fetched before its partition moved, or handled already
+        unhandled.discard(offset)
+        self.handled_to[partition] = upto = max(self.handled_to.get(partition, 0), offset + 1)
+        waiting = unhandled | self.rewound.get(partition, set())
+        commit_to = min(waiting) if waiting else upto
+        if commit_to <= self.noted.get(partition, -1):
+            return None  # a message before it is still in hand
+        self.noted[partition] = commit_to
+        return commit_to
 
     async def handled(self, record: ConsumerRecord) -> None:
         partition = TopicPartition(record.topic, record.partition)
-        self.offsets[partition] = record.offset + 1
+        if not self.several:
+            self.offsets[partition] = record.offset + 1
+        elif (commit_to := self._commit_to(partition, record.offset)) is not None:
+            self.offsets[partition] = commit_to
+        else:
+            return  # the commit of the message before it in hand takes it
         loop = asyncio.get_running_loop()
         now = loop.time()
-        busy = now - self.last_handled < BUSY_GAP or self._behind(partition, record.offset + 1)
+        busy = (now - self.last_handled < BUSY_GAP or self._behind(partition, record.offset + 1)
+                or any(self.unhandled.values()))
         self.last_handled = now
         if self.timer is not None or (self.committing and not self.committing.done()):
             return  # the commit under way (or the next one) takes it
@@ -112,7 +167,7 @@ class _Acknowledger:
         await self._batches.handled(self._consumer, self._record)
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
-        self._consumer.seek(partition, offset)
+        self._batches.pending(self._consumer).rewind(partition, offset)
 
 
 class CommitsInBatches:
@@ -128,10 +183,19 @@ class CommitsInBatches:
         message.consumer = _Acknowledger(self, message.consumer, record)
         return message
 
-    async def handled(self, consumer: Any, record: ConsumerRecord) -> None:
+    def pending(self, consumer: Any) -> _Pending:
         pending = self._pending.get(id(consumer))
         if pending is None or pending.consumer is not consumer:
             pending = self._pending[id(consumer)] = _Pending(consumer)
+        return pending
+
+    def fetched(self, consumer: Any, record: ConsumerRecord) -> None:
+        """For a consumer that handles several messages at once: `record` is in hand, in the
+        order the consumer fetched it."""
+        self.pending(consumer).fetched(record)
+
+    async def handled(self, consumer: Any, record: ConsumerRecord) -> None:
+        pending = self.pending(consumer)
         await pending.handled(record)
         if self._stopping:
             await pending.flush()
@@ -145,6 +209,10 @@ class CommitsInBatches:
     async def commit_handled(self) -> None:
         await asyncio.gather(*(pending.flush() for pending in self._pending.values()))
 
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        for pending in self._pending.values():
+            pending.forget(partitions)
+
     def listener(self) -> ConsumerRebalanceListener:
         """For a group subscriber: what is handled is committed before its partitions move."""
         return _CommitBeforeRevoke(self)
@@ -157,6 +225,7 @@ class _CommitBeforeRevoke(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         committing = asyncio.ensure_future(self._batches.commit_handled())
         await asyncio.wait({committing}, timeout=REVOKE_WAIT)  # not cancelled past it
+        self._batches.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         pass

@@ -1,17 +1,18 @@
 """A task's messages handled one at a time, in the order they arrived; other tasks' beside them.
 
-The control plane and the orchestrator take several messages of their queue at once on
-RabbitMQ (a prefetch above 1: each message no longer waits for the round trip that
-acknowledges the one before). Messages that concern one thing must still be handled in the
+The control plane and the orchestrator take several messages of their queue at once
+(CONVEYOR_PREFETCH: on RabbitMQ a prefetch above 1, on Kafka as many in hand from the
+consumer's partitions; each message no longer waits for the round trip that acknowledges or
+commits the one before). Messages that concern one thing must still be handled in the
 order the queue holds them, as by one consumer taking one message at a time: a task's
 NEW_TASK, events, outcome and the queries about it (a get_task sent after the outcome is
 answered after the outcome is recorded), and the tasks of one session (the orchestrator
 decides in the order they came which one runs and which ones wait).
 
 Handlers enter in the order the broker delivered their messages: aio-pika starts a
-handler task per delivery, in order, and FastStream reaches the handler without waiting
-on anything first, so the first `async with`, before any await of the handler's own,
-queues it in delivery order.
+handler task per delivery, in order (kafka_bus.SeveralAtOnce one per message fetched), and
+FastStream reaches the handler without waiting on anything first, so the first
+`async with`, before any await of the handler's own, queues it in delivery order.
 """
 
 import asyncio

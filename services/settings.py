@@ -27,10 +27,10 @@ class Settings(BaseSettings):
                                    "retrying while the broker is unreachable before it fails")
     rabbit_queue_type: Literal["classic", "quorum"] = Field(
         default="classic", description="quorum: replicated queues, for a RabbitMQ cluster")
-    rabbit_prefetch: int = Field(
+    prefetch: int = Field(
         default=32, ge=1, description="messages the control plane and the orchestrator each "
-        "handle at once from the front door (the control plane from its query topic too) on "
-        "RabbitMQ; one task's, one session's still one at a time, in order")
+        "handle at once from the front door (the control plane from its query topic too); "
+        "one task's, one session's still one at a time, in order")
     kafka_partitions: int = Field(default=4, ge=1)
     kafka_idempotence: bool = False
     kafka_fetch_wait_ms: int = Field(

@@ -160,3 +160,86 @@ async def test_a_kafka_group_behind_on_its_partition_commits_what_it_works_off_t
     assert handled == [str(n).encode() for n in range(10)]
     assert while_running == 0
     assert after_stop == 10
+
+
+
+async def committed_while_held(kafka_url: str, broker, topic: str, group: str, held,
+                               release: asyncio.Event, done) -> tuple[int, int]:
+    """Starts the broker and publishes messages 0 to 9; once `held()` is true, what the group
+    has committed; then sets `release`, waits for `done()` and stops the broker: and what
+    the group has committed after the stop."""
+    await broker.start()
+    try:
+        await publish_ten(broker, topic)
+        await eventually(held, timeout=30)
+        await asyncio.sleep(0.2)  # long past the commit of what was handled
+        while_held = await committed(kafka_url, topic, group)
+        release.set()
+        await eventually(done)
+    finally:
+        await broker.stop()
+    return while_held, await committed(kafka_url, topic, group)
+
+
+async def test_a_kafka_group_handling_several_at_once_commits_only_before_a_message_in_hand(
+        kafka_url):
+    # Four at once from one partition: messages after 3 are handled while 3 is still in
+    # hand, and none of them is committed until it is.
+    settings, topic, group = work_topic(kafka_url)
+    broker = bus.create_broker(settings, "test")
+    release, entered, handled = asyncio.Event(), [], []
+
+    @bus.subscribe(broker, settings, topic, group, concurrency=4)
+    async def handler(body: bytes) -> None:
+        entered.append(body)  # before any await: the order the handlers were started in
+        if body == b"3":
+            await release.wait()
+        handled.append(body)
+
+    async def all_but_three_handled() -> bool:
+        return len(handled) == 9
+
+    async def all_handled() -> bool:
+        return len(handled) == 10
+
+    while_held, after_stop = await committed_while_held(
+        kafka_url, broker, topic, group, all_but_three_handled, release, all_handled)
+    print(f"found: handled {handled} ({entered} entered); committed {while_held} while "
+          f"message 3 was in hand, {after_stop} after the stop")
+    assert entered == [str(n).encode() for n in range(10)]
+    assert handled.index(b"3") == 9  # 4 to 9 were handled beside it
+    assert while_held == 3  # messages 0 to 2; 3 to 9 come again after a crash
+    assert after_stop == 10
+
+
+async def test_a_kafka_group_handling_several_at_once_never_commits_past_a_failed_message(
+        kafka_url):
+    # Message 2 fails once: it is handed back (the consumer rewinds to it) while 3 to 9 are
+    # handled beside it. When it comes again it is held, and nothing from it on is committed
+    # meanwhile, though 3 to 9 were handled.
+    settings, topic, group = work_topic(kafka_url)
+    broker = bus.create_broker(settings, "test")
+    release, deliveries, handled = asyncio.Event(), [], []
+
+    @bus.subscribe(broker, settings, topic, group, concurrency=4)
+    async def handler(body: bytes) -> None:
+        deliveries.append(body)
+        if body == b"2":
+            if deliveries.count(b"2") == 1:
+                raise RuntimeError("the first delivery of message 2 fails")
+            await release.wait()
+        handled.append(body)
+
+    async def two_again_and_the_rest_handled() -> bool:
+        return deliveries.count(b"2") == 2 and set(handled) >= {
+            str(n).encode() for n in range(10) if n != 2}
+
+    async def two_handled() -> bool:
+        return b"2" in handled
+
+    while_held, after_stop = await committed_while_held(
+        kafka_url, broker, topic, group, two_again_and_the_rest_handled, release, two_handled)
+    print(f"found: deliveries {deliveries}; committed {while_held} while message 2 was held "
+          f"on its second delivery, {after_stop} after the stop")
+    assert while_held == 2
+    assert after_stop == 10

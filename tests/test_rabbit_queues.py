@@ -74,12 +74,12 @@ async def test_what_a_workflow_service_reports_is_not_handed_to_the_orchestrator
 
 async def test_the_front_door_is_taken_several_messages_at_a_time_and_nothing_is_missed(
         rabbit_url, tmp_path):
-    """The control plane and the orchestrator each take CONVEYOR_RABBIT_PREFETCH messages of
+    """The control plane and the orchestrator each take CONVEYOR_PREFETCH messages of
     the front door at once (the control plane as many queries); 300 tasks started at once
     all run, and a get_task sent right behind its NEW_TASK finds the task every time. (That
     one task's messages are handled in the order they came is tested on its own, in
     test_ordering.py.)"""
-    deployment = Deployment(rabbit_url, tmp_path, overrides={"CONVEYOR_RABBIT_PREFETCH": "5"})
+    deployment = Deployment(rabbit_url, tmp_path, overrides={"CONVEYOR_PREFETCH": "5"})
     deployment.start("control-plane", "orchestrator", "echo")
     settings = load(broker_url=rabbit_url, namespace=deployment.namespace)
     try:

@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         )
 
     @subscribe_system(broker, settings, CONTROL_PLANE, "recorder",
-                      concurrency=settings.rabbit_prefetch)
+                      concurrency=settings.prefetch)
     async def on_task_message(body: bytes) -> None:
         try:
             message = parse_message(body)
@@ -223,7 +223,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
                 await state.record_dead_letter(conn, message.data)
 
     @subscribe_system(broker, settings, QUERY, "control_plane",
-                      concurrency=settings.rabbit_prefetch)
+                      concurrency=settings.prefetch)
     async def on_query(body: bytes) -> None:
         source = topic(ns, QUERY)
         try:

@@ -156,7 +156,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
         )
 
     @subscribe_system(broker, settings, CONTROL_PLANE, "orchestrator",
-                      concurrency=settings.rabbit_prefetch)
+                      concurrency=settings.prefetch)
     async def on_task_message(body: bytes) -> None:
         try:
             message = parse_message(body)

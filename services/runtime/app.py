@@ -116,11 +116,12 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     finished: asyncio.Future | None = None  # what jobs keeps of each run that ended well
     stopping: dict[str, str] = {}  # why a run was stopped on request, when not cancelled
     draining = False  # stopping: new dispatches go back to the broker
-    # On Kafka a partition feeds one consumer, in order: a handler that waited for its run
-    # would hold up every dispatch behind it on the partition. There the handler returns
-    # once the attempt is claimed (from then on its lease in the state store keeps it, and
-    # the orchestrator's sweep takes it over should this process die), the run goes on
-    # detached, and the next dispatch is taken only when a place is free.
+    # On Kafka a partition's offset is committed only up to its first message in hand: a
+    # handler that waited for its run would hold the commit of every dispatch behind it on
+    # the partition for as long as the run (a crash would deliver them all again). There
+    # the handler returns once the attempt is claimed (from then on its lease in the state
+    # store keeps it, and the orchestrator's sweep takes it over should this process die),
+    # the run goes on detached, and the next dispatch is taken only when a place is free.
     detached = settings.broker_kind == "kafka"
     places = asyncio.Semaphore(settings.max_concurrent_tasks)
     limited = bool(settings.service_max_concurrent_tasks)  # across the service's replicas
@@ -409,10 +410,10 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                     await task_run.checkpoint()  # what it has done so far, kept
                     runner.cancel()
 
-    # RabbitMQ hands a replica as many dispatches as it has places; on Kafka one consumer
-    # takes them (its runs detached), pausing while every place is taken.
+    # The broker hands a replica as many dispatches as it has places (on Kafka, whose runs
+    # are detached, each handler holds its dispatch until the attempt is claimed).
     @subscribe(broker, settings, own_topic, own_topic,
-               concurrency=1 if detached else settings.max_concurrent_tasks)
+               concurrency=settings.max_concurrent_tasks)
     async def on_dispatch(body: bytes) -> None:
         try:
             message = parse_message(body)
