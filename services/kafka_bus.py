@@ -99,9 +99,9 @@ class SeveralAtOnce(DefaultSubscriber):
     order), the next fetched only while a place is free. The offsets are committed in order
     per partition (kafka_commits). FastStream's own way to handle several at once with
     commits after processing (`max_workers`) is a consumer per worker, each joining the
-    group and fetching on its own, with no more at once than partitions: on tansu every
-    idle consumer costs a fetch each wait, and the front door's four consumers in each of
-    two parts passed fewer tasks per second than one consumer with 32 at once."""
+    group and fetching on its own, with no more at once than partitions (4 here): on tansu
+    every idle consumer costs a fetch each wait (four for the front door in the control
+    plane and the orchestrator: at rest 13 and 9 % of a core, against 7 to 9 and 5 to 6)."""
 
     places: asyncio.Semaphore
     commits: CommitsInBatches
