@@ -8,13 +8,14 @@ is committed as FastStream does (at once, waited for: a commit in the background
 measured to slow a sequential task by 0.3 to 2 ms), while one handled when the consumer is
 busy only has its offset noted: one commit, COMMIT_EVERY later (or after the commit under
 way), takes every offset noted meanwhile. A consumer is busy when its message came within
-BUSY_GAP of the one before, or when its partition held more messages at the last fetch (the
-consumer is behind): a loaded path may pass fewer than one message per BUSY_GAP, and then
-each was committed alone, a request the broker answered before the consumer took the next
-(on tansu, 300 tasks in flight: 0.95 commits per task in each part before, 0.5 after). One
-commit at a time, so that a partition's committed offset only moves forward. What is
-committed is the offset after the last message handled on each partition, never the
-consumer's position (which may be past a message still being handled), so a crash or a
+BUSY_GAP of the one before, when it has other messages in hand, or when its partition held
+more messages at the last fetch (the consumer is behind): a loaded path may pass fewer
+than one message per BUSY_GAP, and then each was committed alone, a request the broker
+answered before the consumer took the next (on tansu, 300 tasks in flight: 0.95 commits
+per task in each part before, 0.5 after). One commit at a time, so that a partition's
+committed offset only moves forward. What is committed is the offset after the last message
+handled on each partition (after the last one before a message still in hand, below), never
+the consumer's position (which may be past a message still being handled), so a crash or a
 rebalance loses nothing: the messages handled since the last commit are delivered again, and
 every handler takes a duplicate as one (on message and task id). A stopping part commits
 what it has handled before it leaves, and a consumer whose partitions are about to move to
