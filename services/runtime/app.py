@@ -121,7 +121,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
     # the partition for as long as the run (a crash would deliver them all again). There
     # the handler returns once the attempt is claimed (from then on its lease in the state
     # store keeps it, and the orchestrator's sweep takes it over should this process die),
-    # the run goes on detached, and the next dispatch is taken only when a place is free.
+    # the run goes on detached. A dispatch is claimed only when a place is free: with every
+    # place taken, the consumer has at most as many more in hand, waiting.
     detached = settings.broker_kind == "kafka"
     places = asyncio.Semaphore(settings.max_concurrent_tasks)
     limited = bool(settings.service_max_concurrent_tasks)  # across the service's replicas
@@ -411,7 +412,8 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
                     runner.cancel()
 
     # The broker hands a replica as many dispatches as it has places (on Kafka, whose runs
-    # are detached, each handler holds its dispatch until the attempt is claimed).
+    # are detached, each handler holds its dispatch until a place is free and the attempt is
+    # claimed).
     @subscribe(broker, settings, own_topic, own_topic,
                concurrency=settings.max_concurrent_tasks)
     async def on_dispatch(body: bytes) -> None:
