@@ -64,7 +64,8 @@ class _Pending:
     def fetched(self, record: ConsumerRecord) -> None:
         partition = TopicPartition(record.topic, record.partition)
         self.several = True
-        self.rewound.get(partition, set()).discard(record.offset)
+        if rewound := self.rewound.get(partition):
+            rewound.discard(record.offset)
         self.unhandled.setdefault(partition, set()).add(record.offset)
 
     def rewind(self, partition: TopicPartition, offset: int) -> None:
@@ -90,8 +91,7 @@ class _Pending:
             return None  # fetched before its partition moved, or handled already
         unhandled.discard(offset)
         self.handled_to[partition] = upto = max(self.handled_to.get(partition, 0), offset + 1)
-        waiting = unhandled | self.rewound.get(partition, set())
-        commit_to = min(waiting) if waiting else upto
+        commit_to = min((*unhandled, *self.rewound.get(partition, ())), default=upto)
         if commit_to <= self.noted.get(partition, -1):
             return None  # a message before it is still in hand
         self.noted[partition] = commit_to
