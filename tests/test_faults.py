@@ -9,7 +9,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from .deployment import Deployment, eventually, noted, records_once_completed
+from conveyor.contracts import DispatchTask, DispatchTaskMessage, NewTask, service_topic
+from conveyor.services import database
+from conveyor.services.bus import publish
+from conveyor.services.orchestrator.state import first_dispatch
+
+from .deployment import Deployment, eventually, noted, records_once_completed, registered
 from .otlp_receiver import Receiver, spans_of_logged_traces, traced, untagged
 
 
@@ -102,6 +107,41 @@ async def test_kill9_of_the_replica_holding_a_task_moves_it_to_the_other_within_
     there until the consumer group moved that partition (the 6 s session timeout and about
     5 s more); a copy now goes to every partition, and the attempt still runs once."""
     await kill9_the_holder_and_see_it_resume(fresh_deployment, tmp_path / "steps.log")
+
+
+async def test_a_late_dispatch_of_a_replaced_attempt_amid_copies_of_the_next_runs_it_once(
+    fresh_deployment, tmp_path,
+):
+    """The orchestrator's sweep has moved a task on to attempt 2 and sent its dispatch (to
+    every partition, on Kafka). A replica gets a copy of it, then attempt 1's own dispatch,
+    come late, then another copy of attempt 2's, all at once: attempt 2 runs once. (No
+    orchestrator runs: the test records attempt 2 as the sweep does, and sends the three.)"""
+    deployment = fresh_deployment
+    deployment.start("control-plane", "work")
+    runs = tmp_path / "runs.log"
+    async with deployment.client() as client:
+        await eventually(lambda: registered(client, "work"), timeout=60)
+        task_id = await client.run_nowait("work", n=7, seconds=1, log=str(runs))
+        task = NewTask(task_id=task_id, service="work",
+                       input={"n": 7, "seconds": 1, "log": str(runs)})
+        engine = await database.connect(deployment.env["CONVEYOR_STATE_URL"],
+                                        deployment.namespace)
+        async with engine.begin() as conn:
+            row = first_dispatch(task_id, "work", None, None, task.model_dump(mode="json"), None)
+            await conn.execute(database.dispatches.insert(), {**row, "attempt": 2})
+        await engine.dispose()
+        to = service_topic(deployment.namespace, "work")
+        for attempt in (2, 1, 2):
+            await publish(client._broker, client.settings, DispatchTaskMessage(
+                type="work", publisher_id="sweep", data=DispatchTask(task=task, attempt=attempt)),
+                to, key=task_id)
+        print("injected: dispatches of attempts 2, 1 and 2 of one task, back to back")
+        outcome = await client.wait(task_id, timeout=60)
+        await asyncio.sleep(2)  # a second run of it would have ended by now
+    ran = runs.read_text().splitlines()
+    print(f"found: {outcome.status}, run {len(ran)} times")
+    assert outcome.status == "completed" and outcome.result["n"] == 7
+    assert len(ran) == 1
 
 
 async def test_on_kafka_recovery_survives_a_topic_with_fewer_partitions_than_configured(

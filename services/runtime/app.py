@@ -433,24 +433,35 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
             await asyncio.shield(job_for(message.data)[0])
             return
         task_id, attempt = message.data.task.task_id, message.data.attempt
-        if jobs.get(task_id, (None,))[0] == attempt:
-            return  # running here already: its message came again
+        if jobs.get(task_id, (0,))[0] >= attempt:
+            return  # running here already (its message came again), or replaced by one that is
         await places.acquire()
         job, claimed = job_for(message.data)
         job.add_done_callback(lambda _: places.release())
         await asyncio.shield(claimed)
 
     def job_for(dispatch: DispatchTask) -> tuple[asyncio.Task, asyncio.Future]:
-        """The run of this attempt: started here, or the one already running here.
+        """The run of this attempt: started here, or the one already running here; or none
+        (a done future) when a later attempt of the task came here already.
 
         A run is not the handler's own: when the connection drops, FastStream cancels the
         handler but the run goes on (its reports are published once the broker is back), and
-        the message, delivered again, waits for that run instead of starting another.
+        the message, delivered again, waits for that run instead of starting another. The
+        dispatch of an earlier attempt, come late (the orchestrator's sweep sends the next
+        one while the first is still on its way), starts nothing: it would take the later
+        attempt's place in `jobs`, and a copy of the later one's dispatch (the sweep sends
+        one to every Kafka partition) would start that attempt a second time here.
         """
         task_id, attempt = dispatch.task.task_id, dispatch.attempt
         found = jobs.get(task_id)
         if found is not None and found[0] == attempt:
             return found[1], found[2]
+        if found is not None and found[0] > attempt:
+            log.info("attempt %d of task %s not run: attempt %d came here", attempt, task_id,
+                     found[0])
+            replaced = asyncio.get_running_loop().create_future()
+            replaced.set_result(None)
+            return replaced, replaced
         claimed = asyncio.get_running_loop().create_future()
         job = asyncio.create_task(run(dispatch, claimed))
         jobs[task_id] = (attempt, job, claimed)
