@@ -3,6 +3,7 @@ against real SQLite and PostgreSQL (the `engine` fixture of test_state.py: every
 both).
 """
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -549,6 +550,30 @@ async def test_a_silent_attempt_moves_to_the_next_and_a_renewed_one_does_not(eng
         row = (await conn.execute(database.dispatches.select().where(
             database.dispatches.c.task_id == "silent"))).one()
     assert (row.attempt, row.finished, row.started_at) == (2, False, None)
+
+
+@pytest.mark.postgres
+async def test_a_lease_held_by_an_outcome_being_reported_holds_up_no_other_lease(postgres_url):
+    """The worker marks an outcome in a transaction that spans its publish, which may wait
+    seconds for the broker: meanwhile its other leases are renewed, not held up behind it."""
+    engine = await database.connect(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            for table in reversed(database.metadata.sorted_tables):
+                await conn.execute(table.delete())
+            for task_id in ("ending", "running"):
+                await starting_point(conn, new_task(task_id=task_id), 1, "i-1", KEY, LEASE)
+            await conn.execute(database.dispatches.update().values(
+                heartbeat_at=database.now() - timedelta(seconds=60)))
+        async with engine.begin() as reporting:
+            assert await reported(reporting, "ending", 1, "i-1", ended=True)
+            async with engine.begin() as conn:  # while the outcome's publish is under way
+                await asyncio.wait_for(renew(conn, "i-1", {"ending": 1, "running": 1}), 5)
+            async with engine.begin() as conn:
+                expired = await orchestrator_state.take_expired(conn, timeout=10)
+        assert expired == []  # "running" renewed; "ending" locked, and so skipped by the sweep
+    finally:
+        await engine.dispose()
 
 
 async def test_an_attempt_whose_outcome_is_reported_is_neither_swept_nor_claimed_again(engine):

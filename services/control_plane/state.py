@@ -348,10 +348,11 @@ async def record_heartbeat(conn: AsyncConnection, beat: Heartbeat) -> None:
     await _upsert(conn, services, ["name"],
                   {"name": beat.service, "registered_at": moment, "last_seen": moment},
                   ["last_seen"])
-    if beat.running:
+    if beat.running:  # in the order of their task ids, as every batch of task writes goes
         await conn.execute(_STARTED, [
             {"started_task": running.task_id, "started_at_": moment,
-             "started_attempt": running.attempt} for running in beat.running])
+             "started_attempt": running.attempt}
+            for running in sorted(beat.running, key=lambda running: running.task_id)])
 
 
 async def record_deregistration(conn: AsyncConnection, instance_id: str) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, or_, select, tuple_, update
 
 from conveyor.contracts import NewTask
 
@@ -144,17 +144,25 @@ async def release(conn: AsyncConnection, task_id: str, attempt: int, instance_id
 
 async def renew(conn: AsyncConnection, instance_id: str, running: Mapping[str, int]) -> None:
     """Renew the lease of each attempt this instance holds: `running` maps task ids to their
-    attempts. One the orchestrator has moved to a next attempt stays lost."""
+    attempts. One the orchestrator has moved to a next attempt stays lost.
+
+    On PostgreSQL a row another transaction holds is skipped (SKIP LOCKED), not waited
+    for: this instance's own outcome, marked in a transaction that spans its publish, may
+    hold its row for as long as the broker takes to confirm (seconds, when a Kafka
+    partition is moving), and the other leases, waiting behind it, would run out. The
+    orchestrator's sweep skips a locked row too; the next beat renews it if it is still
+    held.
+    """
     if not running:
         return
-    await conn.execute(
-        update(dispatches)
-        .where(dispatches.c.task_id == bindparam("held_task"),
-               dispatches.c.attempt == bindparam("held_attempt"),
-               dispatches.c.instance_id == instance_id, dispatches.c.finished.is_(False))
-        .values(heartbeat_at=now()),
-        [{"held_task": task_id, "held_attempt": attempt} for task_id, attempt in running.items()],
-    )
+    held = (select(dispatches.c.task_id)
+            .where(tuple_(dispatches.c.task_id, dispatches.c.attempt).in_(sorted(running.items())),
+                   dispatches.c.instance_id == instance_id, dispatches.c.finished.is_(False))
+            .order_by(dispatches.c.task_id))
+    if conn.dialect.name == "postgresql":
+        held = held.with_for_update(skip_locked=True)
+    await conn.execute(update(dispatches).where(dispatches.c.task_id.in_(held))
+                       .values(heartbeat_at=now()))
 
 
 async def reported(conn: AsyncConnection, task_id: str, attempt: int, instance_id: str, *,
