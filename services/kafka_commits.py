@@ -30,6 +30,7 @@ rewind, to come again) is never committed past.
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -214,19 +215,25 @@ class CommitsInBatches:
         for pending in self._pending.values():
             pending.forget(partitions)
 
-    def listener(self) -> ConsumerRebalanceListener:
-        """For a group subscriber: what is handled is committed before its partitions move."""
-        return _CommitBeforeRevoke(self)
+    def listener(self, on_revoked: Callable[[set[TopicPartition]], None] | None = None,
+                 ) -> ConsumerRebalanceListener:
+        """For a group subscriber: what is handled is committed before its partitions move
+        (and `on_revoked` is told they moved)."""
+        return _CommitBeforeRevoke(self, on_revoked)
 
 
 class _CommitBeforeRevoke(ConsumerRebalanceListener):
-    def __init__(self, batches: CommitsInBatches) -> None:
+    def __init__(self, batches: CommitsInBatches,
+                 on_revoked: Callable[[set[TopicPartition]], None] | None) -> None:
         self._batches = batches
+        self._on_revoked = on_revoked
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         committing = asyncio.ensure_future(self._batches.commit_handled())
         await asyncio.wait({committing}, timeout=REVOKE_WAIT)  # not cancelled past it
         self._batches.forget(revoked)
+        if self._on_revoked is not None:
+            self._on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         pass
