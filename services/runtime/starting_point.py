@@ -155,8 +155,10 @@ async def renew(conn: AsyncConnection, instance_id: str, running: Mapping[str, i
     """
     if not running:
         return
+    # Locked in the order of their task ids (the ORDER BY), as the batches of claims and
+    # outcomes take them: two transactions never wait for each other in a circle.
     held = (select(dispatches.c.task_id)
-            .where(tuple_(dispatches.c.task_id, dispatches.c.attempt).in_(sorted(running.items())),
+            .where(tuple_(dispatches.c.task_id, dispatches.c.attempt).in_(list(running.items())),
                    dispatches.c.instance_id == instance_id, dispatches.c.finished.is_(False))
             .order_by(dispatches.c.task_id))
     if conn.dialect.name == "postgresql":
