@@ -37,6 +37,9 @@ def arguments() -> argparse.Namespace:
                         help="keep each deployment's state in a database of its own on this "
                              "PostgreSQL server (created, and dropped at the end), and count "
                              "the server's CPU; default a SQLite file per deployment")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the parts' and brokers' logs (the run's directory) even when "
+                             "every figure was produced")
     return parser.parse_args()
 
 
@@ -90,11 +93,12 @@ def main() -> int:
         say.print(f"[red]{lost} tasks lost[/]")
     if dead := results.dead_letters():
         say.print(f"[red]{dead} messages dead-lettered: see the control plane's log[/]")
-    if missing or lost or dead or results.errors:
+    failed = bool(missing or lost or dead or results.errors)
+    if failed or args.keep_logs:
         say.print(f"logs kept in {workdir}")
-        return 1
-    shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
