@@ -42,7 +42,7 @@ from conveyor.contracts import (
     topic,
 )
 from conveyor.contracts.topics import CONTROL_PLANE, QUERY
-from conveyor.services.bus import Broker, create_broker, declare_system_queues, publish, subscribe
+from conveyor.services.bus import Broker, create_broker, declare_system_topics, publish, subscribe
 from conveyor.services.runtime.worker import envelope
 from conveyor.services.settings import Settings, load
 
@@ -165,7 +165,7 @@ class Client:
     async def start(self) -> None:
         if self._owns_broker:
             await self._broker.start()
-            await declare_system_queues(self._broker, self.settings)
+            await declare_system_topics(self._broker, self.settings)
 
     async def close(self) -> None:
         if self._owns_broker:

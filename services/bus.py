@@ -138,14 +138,20 @@ def group_name(settings: Settings, message_type: str, part: str) -> str:
     return f"{settings.namespace}.{message_type}.{part}"
 
 
-async def declare_system_queues(broker: Broker, settings: Settings) -> None:
-    """Make sure nothing published to Conveyor's topics is dropped for want of a queue.
+async def declare_system_topics(broker: Broker, settings: Settings) -> None:
+    """Make sure nothing published to Conveyor's own topics is dropped, or lands on a topic
+    made wrong, before a part or a client publishes to them.
 
     RabbitMQ discards a message no queue is bound for, so every part declares (idempotently)
-    the durable queues of the control plane and the orchestrator before it publishes.
-    Kafka keeps every topic's messages for groups that join later, so there is nothing to do.
+    the durable queues of the control plane and the orchestrator. Kafka keeps a topic's
+    messages for groups that join later, but a broker that makes a topic on its first publish
+    (Apache Kafka's auto.create.topics.enable; tansu too) gives it its own number of
+    partitions (1 on Apache Kafka, 4 on tansu), not CONVEYOR_KAFKA_PARTITIONS: so every part
+    and client creates them first (a topic that exists is left as it is).
     """
-    if settings.broker_kind != "rabbit":
+    if settings.broker_kind == "kafka":
+        await _wire(settings).create_topics(broker, settings, sorted({
+            topic(settings.namespace, message_type) for message_type, _ in SYSTEM_SUBSCRIPTIONS}))
         return
     await _wire(settings).declare_group_queues(broker, settings, {
         group_name(settings, message_type, part): tuple(

@@ -58,6 +58,32 @@ class ConveyorKafkaBroker(KafkaBroker):
         for publisher in self.publishers:
             await publisher.start()
         self.running = True
+        await self.check_partitions()
+
+    async def check_partitions(self) -> None:
+        """Warn of each topic a group of this part reads that has fewer partitions than it
+        was to be made with: made before, with another CONVEYOR_KAFKA_PARTITIONS or by the
+        broker on a publish, it feeds no more consumers of a group than it has partitions,
+        and the part's further replicas stay idle. (tansu cannot add partitions to a topic;
+        Apache Kafka can: kafka-topics.sh --alter.)"""
+        wanted = {topic.name: topic.num_partitions for subscriber in self.subscribers
+                  if subscriber.group_id for topic in subscriber.topics if topic.declare}
+        if not wanted:
+            return
+        try:  # only topics that exist: describing a missing one makes it on some brokers
+            described = await self.config.admin_client.describe_topics(sorted(wanted))
+        except Exception as exc:  # the check is advice: the part runs without it
+            log.warning("could not count the partitions of %s: %s", ", ".join(wanted), exc)
+            return
+        for topic in described:
+            have, name = len(topic["partitions"]), topic["topic"]
+            if 0 < have < wanted.get(name, 0):
+                log.warning(
+                    "topic %s has %d partitions, not the %d of CONVEYOR_KAFKA_PARTITIONS: it "
+                    "was made before, with fewer, so no more than %d consumers of a group read "
+                    "it and further replicas stay idle. Add partitions to it (Apache Kafka: "
+                    "kafka-topics.sh --alter --partitions %d), or delete it while nothing "
+                    "uses it", name, have, wanted[name], have, wanted[name])
 
     async def stop(self, *args: Any) -> None:
         await self.commits.flush()
@@ -200,6 +226,17 @@ class SeveralAtOnce(WithoutHoles):
     def _done(self, task: asyncio.Task) -> None:
         self.in_hand.discard(task)
         self.places.release()
+
+
+async def create_topics(broker: ConveyorKafkaBroker, settings: Settings,
+                        names: list[str]) -> None:
+    """Create these topics with CONVEYOR_KAFKA_PARTITIONS partitions where they do not exist
+    yet (see bus.declare_system_topics). A topic the broker refuses to make is logged: a
+    publish to it will say more."""
+    topics = [Topic(name, num_partitions=settings.kafka_partitions) for name in names]
+    for result in await broker.config.admin.create_topics(topics):
+        if result.error is not None:
+            log.warning("could not create topic %s: %s", result.topic, result.error)
 
 
 async def send(broker: ConveyorKafkaBroker, settings: Settings, body: bytes, message_id: str,

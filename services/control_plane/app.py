@@ -48,7 +48,7 @@ from .. import checkpoints, counters, database, health, logs, sessions, telemetr
 from ..bus import (
     Broker,
     create_broker,
-    declare_system_queues,
+    declare_system_topics,
     publish,
     subscribe_system,
     unreachable_errors,
@@ -280,7 +280,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def declare() -> None:
         nonlocal cleaner
-        await declare_system_queues(broker, settings)
+        await declare_system_topics(broker, settings)
         cleaner = asyncio.create_task(clean_forever())
 
     async def stop_cleaning() -> None:

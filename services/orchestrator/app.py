@@ -46,7 +46,7 @@ from conveyor.contracts.topics import CONTROL_PLANE, QUERY, REGISTRY
 from .. import counters, database, health, logs, telemetry
 from ..bus import (
     create_broker,
-    declare_system_queues,
+    declare_system_topics,
     publish,
     publish_to_any_replica,
     reports_topic,
@@ -369,7 +369,7 @@ def create_app(settings: Settings | None = None) -> FastStream:
 
     async def declare() -> None:
         nonlocal sweeper
-        await declare_system_queues(broker, settings)
+        await declare_system_topics(broker, settings)
         sweeper = asyncio.create_task(recover_forever())
 
     app = FastStream(broker, logger=logging.getLogger("conveyor.app"),

@@ -55,7 +55,7 @@ from ..bus import (
     PublishFailed,
     Redeliver,
     create_broker,
-    declare_system_queues,
+    declare_system_topics,
     orchestrator_topic,
     publish,
     publish_to_any_replica,
@@ -564,7 +564,7 @@ def create_app(settings: RuntimeSettings | None = None, workflow=None) -> FastSt
 
     async def register() -> None:
         nonlocal heartbeats
-        await declare_system_queues(broker, settings)
+        await declare_system_topics(broker, settings)
         registration = RegisterService(
             service=name, instance_id=instance_id, host=socket.gethostname(), pid=os.getpid(),
             workflow=settings.workflow, event_types=sorted(accepted), **described,
