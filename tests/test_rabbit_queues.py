@@ -41,30 +41,43 @@ async def test_with_quorum_queues_every_shared_queue_is_one_and_tasks_run(quorum
 async def test_what_a_workflow_service_reports_is_not_handed_to_the_orchestrator(
         rabbit_url, tmp_path):
     """A task's streamed events and outcome go to the control plane's recorder alone: with
-    the orchestrator stopped (SIGSTOP) while a task runs, the task ends, its record is
-    complete, and nothing has queued up for the orchestrator meanwhile."""
+    the orchestrator stopped (SIGSTOP) while a task runs, once it has acknowledged the
+    task's NEW_TASK, the task ends, its record is complete, and nothing has queued up for
+    the orchestrator meanwhile."""
     deployment = Deployment(rabbit_url, tmp_path)
     deployment.start("control-plane", "orchestrator", "work")
     orchestrator = deployment.processes["orchestrator"]
+    queue = group_name(load(broker_url=rabbit_url, namespace=deployment.namespace),
+                       CONTROL_PLANE, "orchestrator")
     try:
         await deployment.ready("work")
         async with deployment.client() as client:
-            task_id = await client.run_nowait("work", n=1, seconds=1.5, events=0)
+            task_id = await client.run_nowait("work", n=1, seconds=4, events=0)
 
             async def running() -> bool:
                 return (await client.get_task(task_id))["status"] == "running"
 
+            async def orchestrator_done() -> bool:
+                # The queue takes what the front door does, get_task queries included (they
+                # follow the task's own messages there): its NEW_TASK, acknowledged once the
+                # dispatch is recorded, and the last poll of running() may still be in hand.
+                return await queued_for(queue) == 0
+
             await eventually(running)
+            await eventually(orchestrator_done)
             orchestrator.send_signal(signal.SIGSTOP)
             try:
+                # Asked on the query topic, which the orchestrator's queue does not take.
+                [stopped_while] = [task["status"] for task in await client.list_tasks(
+                    service="work") if task["task_id"] == task_id]
                 outcome = await client.wait(task_id, timeout=30)
                 record = await records_once_completed(client, "work", [task_id])
-                waiting = await queued_for(group_name(
-                    load(broker_url=rabbit_url, namespace=deployment.namespace),
-                    CONTROL_PLANE, "orchestrator"))
+                waiting = await queued_for(queue)
             finally:
                 orchestrator.send_signal(signal.SIGCONT)
-        print(f"found: {outcome.status}; {waiting} messages queued for the orchestrator")
+        print(f"found: {stopped_while} when the orchestrator stopped, then {outcome.status}; "
+              f"{waiting} messages queued for the orchestrator")
+        assert stopped_while == "running"  # its outcome came while the orchestrator slept
         assert outcome.status == "completed"
         assert record[task_id]["result"]["n"] == 1
         assert waiting == 0
